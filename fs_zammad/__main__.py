@@ -1,0 +1,3 @@
+from fs_zammad.cli import main
+
+raise SystemExit(main())

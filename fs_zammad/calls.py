@@ -1,0 +1,490 @@
+"""Call tracking: FreeSWITCH channel events in, Zammad CTI events out (pure).
+
+FreeSWITCH reports *legs* (channels); Zammad wants *calls*. A call starts
+with its root leg (usually the ``inbound`` channel that entered FreeSWITCH)
+and gathers every leg linked to it: bridged B-legs (``Other-Leg-Unique-ID``,
+``variable_originating_leg_uuid``), mod_callcenter agent legs
+(``variable_cc_member_session_uuid``), the far half of loopback channels, and
+legs bridged in later by pickup or attended transfer. The call ends when its
+last leg has hung up, so the cause can use everything the legs reported, and
+an agent hanging up first, a transfer or a lost ring-group race ends nothing.
+
+The Zammad call id is the root leg's uuid. What Zammad is owed is derived
+from the call's state by :meth:`CallTracker._owed`: ``newCall`` once the
+direction is known and the call is routed, ``answer`` once a person (or
+voicemail) picked up, ``hangup`` once every leg is gone — each exactly once,
+in that order.
+
+Nothing here does I/O: the shell feeds header dicts and a clock and persists
+``dirty`` calls; the tests feed recorded events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from fs_zammad.causes import CallEnd, call_cause, cause_to_zammad
+from fs_zammad.numbers import to_e164
+
+Headers = Mapping[str, str]
+
+#: Dialplan applications that prepare a call rather than route it: newCall
+#: waits until the first other application, so that ``set zammad_queue=...``
+#: and friends are already on the channel.
+SETUP_APPS = frozenset("""set export unset multiset push unshift set_global set_profile_var
+    set_user set_zombie_exec log info hash db limit limit_hash event sched_hangup
+    sched_transfer bind_meta_app bind_digit_action digit_action_set_realm enable_heartbeat
+    record_session set_audio_level set_mute jitterbuffer eval""".split())
+
+#: Leg variables that name the leg this one was created for, in order of trust.
+_PARENT_KEYS = ("variable_cc_member_session_uuid", "variable_originating_leg_uuid",
+                "variable_other_loopback_leg_uuid", "variable_other_loopback_from_uuid")
+
+DIRECTIONS = ("in", "out", "ignore")
+
+#: The channel events the tracker reads; the service subscribes to exactly these.
+TRACKED_EVENTS = ("CHANNEL_CREATE", "CHANNEL_EXECUTE", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
+                  "CHANNEL_HANGUP_COMPLETE")
+
+
+@dataclass(frozen=True)
+class TrackerRules:
+    """What the admin configured about the PBX layout."""
+
+    external_contexts: frozenset[str] = frozenset({"public"})
+    external_profiles: frozenset[str] = frozenset({"external"})
+    country_code: str = ""
+    national_prefix: str = "0"
+    queue_keep_domain: bool = False
+    max_call_seconds: float = 4 * 3600
+    cause_mapper: object = cause_to_zammad
+
+
+@dataclass(frozen=True)
+class ZammadEvent:
+    """One request Zammad is owed: ``fields`` in the order they are sent."""
+
+    call_id: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return dict(self.fields)["event"]
+
+    def get(self, key: str, default: str = "") -> str:
+        return dict(self.fields).get(key, default)
+
+
+@dataclass
+class Leg:
+    uuid: str
+    external: bool = False   # reaches outside: a gateway or an external profile
+    loopback: bool = False   # half of a loopback channel: never a person
+    party: str = ""          # the number/extension on this leg's far side
+    agent: str = ""          # mod_callcenter agent name, if any
+    ended: bool = False
+
+
+@dataclass
+class Call:
+    call_id: str
+    started: float
+    root_external: bool
+    caller: str
+    dialed: str
+    local_user: str
+    direction: str = ""          # "", in, out, ignore
+    forced_direction: str = ""
+    routed: bool = False
+    queue: str = ""
+    user: str = ""               # zammad_user
+    out_to: str = ""
+    answered: bool = False
+    answered_by: str = ""
+    answering_number: str = ""
+    voicemail: bool = False
+    forwarded: bool = False
+    root_end: dict = field(default_factory=dict)
+    other_causes: list = field(default_factory=list)
+    lost_end: bool = False       # some leg ended unseen (reconnect gap, expiry)
+    legs: dict = field(default_factory=dict)  # uuid -> Leg
+    sent: list = field(default_factory=list)  # names of the Zammad events emitted
+
+    @property
+    def ended(self) -> bool:
+        return all(leg.ended for leg in self.legs.values())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Call":
+        data = json.loads(text)
+        data["legs"] = {uuid: Leg(**leg) for uuid, leg in data["legs"].items()}
+        return cls(**data)
+
+
+def _h(headers: Headers, *names: str) -> str:
+    for name in names:
+        value = headers.get(name, "")
+        if value and value != "_undef_":
+            return value
+    return ""
+
+
+def _strip_domain(name: str) -> str:
+    return name.split("@", 1)[0]
+
+
+class CallTracker:
+    """Follows every call; ``handle()`` returns the Zammad events now owed.
+
+    ``dirty`` collects the ids of calls changed since the caller last cleared
+    it (live ones in ``calls``, finished ones gone), so the shell can persist
+    exactly those.
+    """
+
+    def __init__(self, rules: TrackerRules | None = None, calls: Iterable[Call] = ()):
+        self.rules = rules or TrackerRules()
+        self.calls: dict[str, Call] = {}
+        self._leg_call: dict[str, str] = {}
+        self.dirty: set[str] = set()
+        for call in calls:
+            self._adopt(call)
+
+    # -- public ---------------------------------------------------------
+
+    def handle(self, headers: Headers, now: float) -> list[ZammadEvent]:
+        name = headers.get("Event-Name", "")
+        uuid = headers.get("Unique-ID", "")
+        if not uuid or name not in TRACKED_EVENTS:
+            return []
+        call = self._call_of(uuid)
+        if call is None:
+            call = self._new_leg(headers, now)
+        leg = call.legs[uuid]
+        is_root = uuid == call.call_id
+        self._read_variables(call, headers)
+
+        if name == "CHANNEL_EXECUTE" and is_root:
+            self._on_execute(call, headers)
+        elif name == "CHANNEL_ANSWER":
+            if is_root:
+                call.routed = True  # FreeSWITCH itself answered (IVR, queue): not a person
+            else:
+                self._person_answered(call, leg)
+        elif name == "CHANNEL_BRIDGE":
+            call = self._on_bridge(call, leg, headers)
+        elif name == "CHANNEL_HANGUP_COMPLETE":
+            self._on_hangup(call, leg, headers, is_root)
+        return self._owed(call)
+
+    def reconcile(self, live: Iterable[Headers], now: float) -> list[ZammadEvent]:
+        """Align with FreeSWITCH after a gap in the event stream.
+
+        ``live`` is what ``show channels as json`` listed, as CHANNEL_CREATE
+        style headers (see :func:`channels_to_headers`). Legs we follow that
+        are gone ended unseen; channels we do not know started unseen.
+        """
+        live = list(live)
+        live_ids = {h.get("Unique-ID", "") for h in live}
+        events: list[ZammadEvent] = []
+        for call in list(self.calls.values()):
+            for leg in call.legs.values():
+                if not leg.ended and leg.uuid not in live_ids:
+                    leg.ended = True
+                    call.lost_end = True
+            self.dirty.add(call.call_id)
+            events += self._owed(call)
+        for headers in live:
+            uuid = headers.get("Unique-ID", "")
+            if not uuid or self._call_of(uuid) is not None:
+                continue
+            events += self.handle({**headers, "Event-Name": "CHANNEL_CREATE"}, now)
+            call = self._call_of(uuid)
+            if call is None:
+                continue
+            call.routed = True
+            if headers.get("Answer-State") == "answered":
+                events += self.handle({**headers, "Event-Name": "CHANNEL_ANSWER"}, now)
+            else:
+                events += self._owed(call)
+        return events
+
+    def expire(self, now: float) -> list[ZammadEvent]:
+        """End calls older than ``max_call_seconds`` (their hangup was lost)."""
+        events: list[ZammadEvent] = []
+        for call in list(self.calls.values()):
+            if now - call.started > self.rules.max_call_seconds:
+                for leg in call.legs.values():
+                    leg.ended = True
+                call.lost_end = True
+                events += self._owed(call)
+        return events
+
+    # -- legs and calls ---------------------------------------------------
+
+    def _call_of(self, uuid: str) -> Call | None:
+        call_id = self._leg_call.get(uuid)
+        return self.calls.get(call_id) if call_id else None
+
+    def _adopt(self, call: Call) -> None:
+        self.calls[call.call_id] = call
+        for uuid in call.legs:
+            self._leg_call[uuid] = call.call_id
+
+    def _new_leg(self, h: Headers, now: float) -> Call:
+        uuid = h["Unique-ID"]
+        outbound = h.get("Call-Direction") == "outbound"
+        leg = Leg(uuid=uuid, external=self._is_external_leg(h),
+                  loopback=h.get("Channel-Name", "").startswith("loopback/"),
+                  agent=_strip_domain(_h(h, "variable_cc_agent")))
+        parent = None
+        for key in _PARENT_KEYS + (("Other-Leg-Unique-ID",) if outbound else ()):
+            parent = self._call_of(_h(h, key))
+            if parent is not None:
+                break
+        if outbound:
+            leg.party = _h(h, "variable_dialed_user", "Caller-Destination-Number",
+                           "Caller-Callee-ID-Number")
+        else:
+            leg.party = _h(h, "variable_user_name", "Caller-Caller-ID-Number")
+        if parent is not None:
+            parent.legs[uuid] = leg
+            self._leg_call[uuid] = parent.call_id
+            self._leg_joined(parent, leg, h)
+            self.dirty.add(parent.call_id)
+            return parent
+        context = h.get("Caller-Context", "")
+        call = Call(
+            call_id=uuid, started=now,
+            root_external=context in self.rules.external_contexts,
+            # Pickup and transfers rewrite the caller id later: keep the first one.
+            caller=_h(h, "Caller-Orig-Caller-ID-Number", "Caller-Caller-ID-Number"),
+            dialed=_h(h, "variable_sip_req_user", "Caller-Destination-Number")
+            if h.get("Event-Name") != "CHANNEL_CREATE" else _h(h, "Caller-Destination-Number"),
+            local_user=_h(h, "variable_user_name") or
+            (_h(h, "Caller-Destination-Number") if outbound else _h(h, "Caller-Caller-ID-Number")),
+            legs={uuid: leg},
+        )
+        if call.root_external:
+            call.direction = "in"
+        self._adopt(call)
+        self.dirty.add(uuid)
+        return call
+
+    def _is_external_leg(self, h: Headers) -> bool:
+        if h.get("Call-Direction") != "outbound":
+            return False
+        if _h(h, "variable_sip_gateway_name", "variable_sip_gateway"):
+            return True
+        parts = h.get("Channel-Name", "").split("/")
+        return len(parts) > 2 and parts[0] == "sofia" and (
+            parts[1] == "gateway" or parts[1] in self.rules.external_profiles)
+
+    def _leg_joined(self, call: Call, leg: Leg, h: Headers) -> None:
+        call.routed = True
+        if not leg.external:
+            return
+        if call.root_external or call.direction == "in":
+            call.forwarded = True          # an outside call sent outside again
+        elif not call.direction:
+            call.direction = "out"         # a local user reaching outside
+            call.out_to = _h(h, "Caller-Destination-Number")
+
+    def _move_leg(self, uuid: str, to: Call, h: Headers) -> None:
+        """Pickup / attended transfer: a leg of an undecided call joins ``to``."""
+        source = self._call_of(uuid)
+        if source is None:
+            leg = Leg(uuid=uuid, party=_h(h, "Other-Leg-Caller-ID-Number"))
+        else:
+            leg = source.legs.pop(uuid)
+            if not source.legs:
+                del self.calls[source.call_id]
+            self.dirty.add(source.call_id)
+        to.legs[uuid] = leg
+        self._leg_call[uuid] = to.call_id
+
+    # -- events ---------------------------------------------------------
+
+    def _read_variables(self, call: Call, h: Headers) -> None:
+        forced = _h(h, "variable_zammad_direction").lower()
+        if forced in DIRECTIONS:
+            call.forced_direction = forced
+            if not call.sent:
+                call.direction = forced
+        user = _h(h, "variable_zammad_user")
+        if user:
+            call.user = user
+        queue = _h(h, "variable_zammad_queue", "variable_cc_queue")
+        if queue and not call.sent:
+            call.queue = queue
+
+    def _on_execute(self, call: Call, h: Headers) -> None:
+        app = h.get("Application", "")
+        if app in SETUP_APPS:
+            return
+        call.routed = True
+        if app == "callcenter" and not call.queue:
+            call.queue = _h(h, "Application-Data").split(" ", 1)[0]
+        elif app == "voicemail" and not call.answered:
+            call.voicemail = True
+
+    def _person_answered(self, call: Call, leg: Leg) -> None:
+        call.routed = True
+        if call.answered or leg.loopback:
+            return
+        if call.direction == "in" and leg.external:
+            return                          # forwarded out: the 'forwarded' cause says it
+        if call.direction == "out" and not leg.external:
+            return                          # e.g. the agent's own phone of a click-to-dial
+        if not call.direction and not leg.external:
+            return                          # internal call (so far)
+        call.answered = True
+        call.answered_by = leg.agent or leg.party
+        call.answering_number = leg.party
+
+    def _on_bridge(self, call: Call, leg: Leg, h: Headers) -> Call:
+        """A leg got bridged; returns the call the event's leg now belongs to.
+
+        Two legs of one call: the other one is who answered. A leg of an
+        undecided local call bridged to a Zammad call (pickup with
+        ``intercept``, attended transfer) joins that call and answered it.
+        """
+        other = _h(h, "Other-Leg-Unique-ID")
+        if not other:
+            return call
+        other_call = self._call_of(other)
+        if other_call is None or (other_call is not call and self._absorbable(other_call)):
+            self._move_leg(other, call, h)
+        elif other_call is not call:
+            if not self._absorbable(call):
+                return call                 # two Zammad calls bridged: both stand as they are
+            self._move_leg(leg.uuid, other_call, h)
+            self._person_answered(other_call, leg)
+            return other_call
+        self._person_answered(call, call.legs[other])
+        return call
+
+    @staticmethod
+    def _absorbable(call: Call) -> bool:
+        return not call.sent and not call.root_external and call.direction != "in"
+
+    def _on_hangup(self, call: Call, leg: Leg, h: Headers, is_root: bool) -> None:
+        leg.ended = True
+        if is_root:
+            call.root_end = {
+                "cause": _h(h, "Hangup-Cause", "variable_hangup_cause"),
+                "disposition": _h(h, "variable_sip_hangup_disposition"),
+                "originate": _h(h, "variable_originate_disposition"),
+                "last_bridge": _h(h, "variable_last_bridge_hangup_cause"),
+            }
+            reached_voicemail = (_h(h, "variable_current_application") == "voicemail"
+                                 or _h(h, "variable_voicemail_message_len"))
+            if reached_voicemail and not call.answered:
+                call.voicemail = True
+        else:
+            call.other_causes.append(_h(h, "Hangup-Cause", "variable_hangup_cause"))
+
+    # -- what Zammad is owed ----------------------------------------------
+
+    def _owed(self, call: Call) -> list[ZammadEvent]:
+        self.dirty.add(call.call_id)
+        events = []
+        ended = call.ended
+        if "newCall" not in call.sent:
+            if call.direction not in ("in", "out") or not (call.routed or ended):
+                if ended:
+                    self._forget(call)      # internal or ignored: Zammad never hears of it
+                return events
+            events.append(self._event(call, "newCall"))
+        wants_answer = call.answered or (call.voicemail and call.direction == "in")
+        if wants_answer and "answer" not in call.sent:
+            events.append(self._event(call, "answer"))
+        if ended and "hangup" not in call.sent:
+            events.append(self._event(call, "hangup"))
+            self._forget(call)
+        return events
+
+    def _forget(self, call: Call) -> None:
+        self.calls.pop(call.call_id, None)
+        for uuid in call.legs:
+            if self._leg_call.get(uuid) == call.call_id:
+                del self._leg_call[uuid]
+
+    def _number(self, number: str) -> str:
+        return to_e164(number, self.rules.country_code, self.rules.national_prefix)
+
+    def _event(self, call: Call, name: str) -> ZammadEvent:
+        call.sent.append(name)
+        if call.direction == "in":
+            from_, to = call.caller, call.dialed
+        else:
+            from_, to = call.local_user, call.out_to or call.dialed
+        fields = [("event", name), ("direction", call.direction), ("callId", call.call_id),
+                  ("from", self._number(from_)), ("to", self._number(to))]
+        queue = call.queue if self.rules.queue_keep_domain else _strip_domain(call.queue)
+        if name == "newCall":
+            user = call.user or (call.local_user if call.direction == "out" else "")
+            if user:
+                fields.append(("user", user))
+        elif name == "answer" and call.direction == "in":
+            if call.answered:
+                fields.append(("user", call.user or call.answered_by))
+                if call.answering_number:
+                    fields.append(("answeringNumber", call.answering_number))
+            else:
+                fields.append(("user", "voicemail"))
+        elif name == "hangup":
+            fields.append(("cause", self._cause(call)))
+        if queue:
+            fields.append(("queue", queue))
+        return ZammadEvent(call.call_id, tuple(fields))
+
+    def _cause(self, call: Call) -> str:
+        end = call.root_end
+        causes = list(call.other_causes)
+        if call.lost_end and not end and not any(c and c != "NORMAL_CLEARING" for c in causes):
+            causes.append("ORIGINATOR_CANCEL")  # ended while we were away: caller gone
+        return call_cause(CallEnd(
+            answered=call.answered,
+            voicemail=call.voicemail and call.direction == "in",
+            forwarded=call.forwarded and call.direction == "in" and not call.answered,
+            root_cause=end.get("cause", ""),
+            root_disposition=end.get("disposition", ""),
+            originate_disposition=end.get("originate", ""),
+            last_bridge_cause=end.get("last_bridge", ""),
+            other_leg_causes=tuple(causes),
+        ), self.rules.cause_mapper)
+
+
+def channels_to_headers(rows: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:
+    """``show channels as json`` rows -> CHANNEL_CREATE-style headers.
+
+    The rows name the A-leg of a bridged channel in ``call_uuid``; that is
+    all the linking information ``show channels`` gives.
+    """
+    result = []
+    for row in rows:
+        uuid = row.get("uuid", "")
+        if not uuid:
+            continue
+        headers = {
+            "Unique-ID": uuid,
+            "Call-Direction": row.get("direction", ""),
+            "Channel-Name": row.get("name", ""),
+            "Caller-Context": row.get("initial_context") or row.get("context", ""),
+            "Caller-Caller-ID-Number": row.get("initial_cid_num") or row.get("cid_num", ""),
+            "Caller-Destination-Number": row.get("initial_dest") or row.get("dest", ""),
+            "Answer-State": "answered" if row.get("callstate") in ("ACTIVE", "HELD") else "",
+        }
+        call_uuid = row.get("call_uuid", "")
+        if call_uuid and call_uuid != uuid:
+            headers["Other-Leg-Unique-ID"] = call_uuid
+        result.append(headers)
+    # Parents first, so that B-legs find the call they belong to.
+    result.sort(key=lambda h: "Other-Leg-Unique-ID" in h)
+    return result

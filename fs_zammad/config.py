@@ -1,0 +1,240 @@
+"""Environment -> frozen Settings, validated once at start.
+
+Every variable the service reads is declared in ``VARIABLES`` (name, default,
+meaning): ``--help``, the README table and ``conf/fs-zammad.env`` are checked
+against it by the tests. A bad value raises ConfigError naming the variable;
+the CLI turns that into one line and exit code 2. Secrets never appear in
+``repr()`` or error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from fs_zammad.causes import parse_cause_map
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the variable."""
+
+
+#: (name, default, meaning): the single list of what can be configured.
+VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("FREESWITCH_HOST", "127.0.0.1", "FreeSWITCH event socket host"),
+    ("FREESWITCH_PORT", "8021", "FreeSWITCH event socket port"),
+    ("FREESWITCH_PASSWORD", "ClueCon", "event socket password (or FREESWITCH_PASSWORD_FILE)"),
+    ("FREESWITCH_PASSWORD_FILE", "", "file holding the event socket password"),
+    ("FREESWITCH_TIMEOUT", "5", "seconds for connecting, authenticating and each ESL command"),
+    ("FREESWITCH_LIVENESS", "60", "seconds without any event (HEARTBEAT every 20 s) before the "
+                                  "connection is declared dead and rebuilt"),
+    ("FREESWITCH_RECONNECT_MAX", "30", "longest wait between reconnect attempts, seconds"),
+    ("ZAMMAD_CTI_URL", "", "https://zammad.example.com/api/v1/cti/<token>; unset = dry run "
+                           "(log what would be sent)"),
+    ("ZAMMAD_CTI_URL_FILE", "", "file holding ZAMMAD_CTI_URL (keeps the token out of the env)"),
+    ("ZAMMAD_TIMEOUT", "10", "seconds to wait for Zammad's answer to one request"),
+    ("ZAMMAD_CA_BUNDLE", "", "CA bundle file for Zammad's TLS certificate (default: system CAs)"),
+    ("ZAMMAD_TLS_VERIFY", "true", "verify Zammad's TLS certificate (true/false)"),
+    ("ZAMMAD_CONCURRENCY", "8", "requests in flight to Zammad at once (one per call)"),
+    ("ZAMMAD_RETRY_MAX", "60", "longest backoff between retries while Zammad fails, seconds"),
+    ("ZAMMAD_CAUSE_MAP", "", "cause overrides, e.g. CALL_REJECTED=busy,NO_ANSWER=cancel"),
+    ("EXTERNAL_CONTEXTS", "public", "dialplan contexts whose calls come from outside (direction in)"),
+    ("EXTERNAL_PROFILES", "external", "sofia profiles that lead outside: a leg created on one "
+                                      "(or through any gateway) makes a local user's call 'out'"),
+    ("COUNTRY_CODE", "", "country code for national numbers (e.g. 43); empty = leave as is"),
+    ("NATIONAL_PREFIX", "0", "trunk prefix of national numbers, replaced by COUNTRY_CODE"),
+    ("QUEUE_DOMAIN", "strip", "mod_callcenter queue names: strip (support) or keep (support@default)"),
+    ("REJECT_BLOCKED", "false", "hang up callers Zammad's block list rejects (true/false)"),
+    ("REJECT_CAUSE", "USER_BUSY", "hangup cause used for rejected callers"),
+    ("STATE_DIR", "/var/lib/fs-zammad", "directory of the outbox database; if not writable: "
+                                        "$XDG_STATE_HOME/fs-zammad"),
+    ("OUTBOX_MAX_EVENTS", "200000", "outbox size cap; new events beyond it are refused and counted"),
+    ("MAX_CALL_SECONDS", "14400", "a call with no hangup after this long is ended (cause from "
+                                  "what is known)"),
+    ("SHUTDOWN_TIMEOUT", "10", "seconds to finish in-flight requests on SIGTERM"),
+    ("METRICS_PORT", "", "port for /healthz and /metrics; empty = off"),
+    ("METRICS_ADDRESS", "127.0.0.1", "address the metrics port binds to"),
+    ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("LOG_FORMAT", "text", "text (one readable line per event) or json (one object per line)"),
+)
+
+DEFAULTS = {name: default for name, default, _ in VARIABLES}
+
+
+def redact_url(url: str) -> str:
+    """The CTI URL with its token replaced, safe for logs."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    head, _, _token = parts.path.rstrip("/").rpartition("/")
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, f"{head}/***", "", ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    freeswitch_host: str
+    freeswitch_port: int
+    freeswitch_password: str = dataclasses.field(repr=False)
+    freeswitch_timeout: float
+    freeswitch_liveness: float
+    freeswitch_reconnect_max: float
+    zammad_url: str = dataclasses.field(repr=False)
+    zammad_timeout: float
+    zammad_verify: bool | str
+    zammad_concurrency: int
+    zammad_retry_max: float
+    cause_overrides: Mapping[str, str]
+    external_contexts: frozenset[str]
+    external_profiles: frozenset[str]
+    country_code: str
+    national_prefix: str
+    queue_keep_domain: bool
+    reject_blocked: bool
+    reject_cause: str
+    state_dir: Path | None
+    outbox_max_events: int
+    max_call_seconds: float
+    shutdown_timeout: float
+    metrics_port: int | None
+    metrics_address: str
+    log_level: str
+    log_format: str
+
+    @property
+    def dry_run(self) -> bool:
+        return not self.zammad_url
+
+    @property
+    def zammad_url_redacted(self) -> str:
+        return redact_url(self.zammad_url)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings that must never be logged (the log filter masks them)."""
+        token = urlsplit(self.zammad_url).path.rstrip("/").rpartition("/")[2] if self.zammad_url else ""
+        return tuple(s for s in (self.freeswitch_password, token) if len(s) >= 3)
+
+
+def _read_secret(env: Mapping[str, str], name: str) -> str:
+    path = env.get(f"{name}_FILE", "").strip()
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return env.get(name, DEFAULTS[name]).strip()
+
+
+def _number(env, name, kind=float, low=0.0, high=None):
+    raw = env.get(name, DEFAULTS[name]).strip()
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name}={raw!r} must be {bounds}")
+    return value
+
+
+def _bool(env, name) -> bool:
+    raw = env.get(name, DEFAULTS[name]).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
+def _choice(env, name, choices) -> str:
+    raw = env.get(name, DEFAULTS[name]).strip()
+    if raw.lower() in choices:
+        return raw.lower()
+    if raw.upper() in choices:
+        return raw.upper()
+    raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+
+
+def _words(env, name) -> frozenset[str]:
+    return frozenset(w.strip() for w in env.get(name, DEFAULTS[name]).split(",") if w.strip())
+
+
+def _zammad_url(env) -> str:
+    url = _read_secret(env, "ZAMMAD_CTI_URL")
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"ZAMMAD_CTI_URL={redact_url(url) or '***'!s} must be an http(s) URL like "
+                          "https://zammad.example.com/api/v1/cti/<token>")
+    if "/api/v1/cti/" not in parts.path or not parts.path.rstrip("/").rpartition("/")[2]:
+        raise ConfigError(f"ZAMMAD_CTI_URL={redact_url(url)} must end in /api/v1/cti/<token> "
+                          "(copy it from Zammad: Admin > Integrations > CTI (generic))")
+    return url
+
+
+def _state_dir(env) -> Path:
+    configured = env.get("STATE_DIR", "").strip()
+    if configured:
+        return Path(configured)
+    default = Path(DEFAULTS["STATE_DIR"])
+    if os.access(default, os.W_OK):
+        return default
+    xdg = env.get("XDG_STATE_HOME", "").strip() or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "fs-zammad"
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every variable; raise ConfigError on the first bad one."""
+    env = os.environ if env is None else env
+    try:
+        cause_overrides = parse_cause_map(env.get("ZAMMAD_CAUSE_MAP", ""))
+    except ValueError as exc:
+        raise ConfigError(f"ZAMMAD_CAUSE_MAP: {exc}") from None
+    host = env.get("FREESWITCH_HOST", DEFAULTS["FREESWITCH_HOST"]).strip()
+    if not host:
+        raise ConfigError("FREESWITCH_HOST is empty")
+    country = env.get("COUNTRY_CODE", "").strip().lstrip("+")
+    if country and not (country.isdigit() and len(country) <= 3):
+        raise ConfigError(f"COUNTRY_CODE={country!r} must be 1 to 3 digits, e.g. 43")
+    ca_bundle = env.get("ZAMMAD_CA_BUNDLE", "").strip()
+    if ca_bundle and not Path(ca_bundle).is_file():
+        raise ConfigError(f"ZAMMAD_CA_BUNDLE={ca_bundle!r} is not a readable file")
+    verify: bool | str = ca_bundle or _bool(env, "ZAMMAD_TLS_VERIFY")
+    metrics_raw = env.get("METRICS_PORT", "").strip()
+    url = _zammad_url(env)
+    return Settings(
+        freeswitch_host=host,
+        freeswitch_port=_number(env, "FREESWITCH_PORT", int, 1, 65535),
+        freeswitch_password=_read_secret(env, "FREESWITCH_PASSWORD"),
+        freeswitch_timeout=_number(env, "FREESWITCH_TIMEOUT", float, 0.1, 600),
+        freeswitch_liveness=_number(env, "FREESWITCH_LIVENESS", float, 1, 3600),
+        freeswitch_reconnect_max=_number(env, "FREESWITCH_RECONNECT_MAX", float, 0.1, 3600),
+        zammad_url=url,
+        zammad_timeout=_number(env, "ZAMMAD_TIMEOUT", float, 0.1, 600),
+        zammad_verify=verify,
+        zammad_concurrency=_number(env, "ZAMMAD_CONCURRENCY", int, 1, 256),
+        zammad_retry_max=_number(env, "ZAMMAD_RETRY_MAX", float, 0.1, 3600),
+        cause_overrides=cause_overrides,
+        external_contexts=_words(env, "EXTERNAL_CONTEXTS"),
+        external_profiles=_words(env, "EXTERNAL_PROFILES"),
+        country_code=country,
+        national_prefix=env.get("NATIONAL_PREFIX", DEFAULTS["NATIONAL_PREFIX"]).strip(),
+        queue_keep_domain=_choice(env, "QUEUE_DOMAIN", ("strip", "keep")) == "keep",
+        reject_blocked=_bool(env, "REJECT_BLOCKED"),
+        reject_cause=_choice(env, "REJECT_CAUSE", ("USER_BUSY", "CALL_REJECTED")),
+        state_dir=_state_dir(env) if url else None,
+        outbox_max_events=_number(env, "OUTBOX_MAX_EVENTS", int, 100, 10**9),
+        max_call_seconds=_number(env, "MAX_CALL_SECONDS", float, 10, 7 * 86400),
+        shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", float, 0, 600),
+        metrics_port=_number(env, "METRICS_PORT", int, 1, 65535) if metrics_raw else None,
+        metrics_address=env.get("METRICS_ADDRESS", DEFAULTS["METRICS_ADDRESS"]).strip(),
+        log_level=_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
+    )
