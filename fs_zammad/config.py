@@ -97,7 +97,7 @@ class Settings:
     queue_keep_domain: bool
     reject_blocked: bool
     reject_cause: str
-    state_dir: Path | None
+    state_dir: Path
     outbox_max_events: int
     max_call_seconds: float
     shutdown_timeout: float
@@ -229,7 +229,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         queue_keep_domain=_choice(env, "QUEUE_DOMAIN", ("strip", "keep")) == "keep",
         reject_blocked=_bool(env, "REJECT_BLOCKED"),
         reject_cause=_choice(env, "REJECT_CAUSE", ("USER_BUSY", "CALL_REJECTED")),
-        state_dir=_state_dir(env) if url else None,
+        state_dir=_state_dir(env),
         outbox_max_events=_number(env, "OUTBOX_MAX_EVENTS", int, 100, 10**9),
         max_call_seconds=_number(env, "MAX_CALL_SECONDS", float, 10, 7 * 86400),
         shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", float, 0, 600),

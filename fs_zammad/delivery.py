@@ -1,0 +1,176 @@
+"""Delivery: outbox -> Zammad, per-call order, calls in parallel, backoff.
+
+One dispatcher greenlet takes the first pending event of each call from the
+outbox (never two of one call at once) and runs up to ``concurrency`` POSTs.
+What happens after an answer:
+
+* delivered: the row is deleted.
+* Zammad down (connection refused, 502/503/504, TLS): every call waits;
+  the pause doubles up to ``retry_max`` with jitter, then one event probes.
+* retry (a 500 Zammad did not explain, 429): this event waits, others go on.
+* failed (401/422, "No such call_id"): moved aside, logged once per reason.
+* maybe sent (a timeout after the request left): newCall and answer are
+  retried (a repeated newCall is answered "already exists"); a hangup is
+  moved aside instead, because a second hangup turns a missed call into a
+  done one in Zammad. Hangups are at most once from that point on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+
+from fs_zammad import zammad
+from fs_zammad.outbox import Outbox, Row
+
+log = logging.getLogger("fs_zammad.delivery")
+
+AMBIGUOUS_HANGUP = "hangup may have reached Zammad (no answer in time); not resent, to " \
+                   "avoid a duplicate hangup"
+
+
+def backoff(attempt: int, cap: float, base: float = 0.5, rng=random.random) -> float:
+    """Exponential backoff with jitter: 50-100 % of min(cap, base * 2^attempt)."""
+    delay = min(cap, base * (2 ** min(attempt, 30)))
+    return delay * (0.5 + rng() / 2)
+
+
+class Delivery:
+    def __init__(self, outbox: Outbox, client, concurrency: int = 8, retry_max: float = 60.0,
+                 on_sent=None, on_action=None):
+        self.outbox = outbox
+        self.client = client
+        self.concurrency = concurrency
+        self.retry_max = retry_max
+        self.on_sent = on_sent or (lambda row, outcome: None)
+        self.on_action = on_action or (lambda row, action: None)
+        self._pool = Pool(concurrency)
+        self._inflight: dict[int, Row] = {}
+        self._wake = Event()
+        self._stopping = False
+        self.down_since: float | None = None   # Zammad unreachable since (monotonic)
+        self._down_failures = 0
+        self._paused_until = 0.0
+        self._reported: set[str] = set()
+        self.last_failure = ""
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        return not self._inflight and self.outbox.pending == 0
+
+    def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            wait = self._dispatch()
+            if wait:
+                self._wake.wait(timeout=wait)
+
+    def _dispatch(self) -> float:
+        """Start what may start now; returns how long to wait before looking again."""
+        now = time.monotonic()
+        if now < self._paused_until:
+            return self._paused_until - now
+        free = self.concurrency - len(self._inflight)
+        if self.down_since is not None:
+            free = min(free, 1 - len(self._inflight))  # one probe while Zammad is down
+        if free <= 0:
+            return 1.0
+        busy_calls = {row.call_id for row in self._inflight.values()}
+        rows = [row for row in self.outbox.ready(free + len(busy_calls), self._inflight)
+                if row.call_id not in busy_calls][:free]
+        for row in rows:
+            self._inflight[row.id] = row
+            self._pool.spawn(self._send, row)
+        if rows:
+            return 0.0 if len(rows) == free else 1.0
+        due = self.outbox.next_due()
+        return 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
+
+    def _send(self, row: Row) -> None:
+        try:
+            outcome = self.client.post(row.fields)
+            self._settle(row, outcome)
+        except gevent.GreenletExit:
+            if row.event == "hangup":
+                self.outbox.fail(row, "stopped while sending; " + AMBIGUOUS_HANGUP)
+            raise
+        except Exception as exc:  # a bug must not kill delivery; the row stays queued
+            log.error("delivery of %s for call %s failed unexpectedly: %s: %s",
+                      row.event, row.call_id, type(exc).__name__, exc)
+            self.outbox.retry_later(row.id, time.time() + self.retry_max, repr(exc)[:200])
+        finally:
+            self._inflight.pop(row.id, None)
+            self._wake.set()
+
+    def _settle(self, row: Row, outcome: zammad.Outcome) -> None:
+        kind = outcome.kind
+        if kind == zammad.MAYBE_SENT:
+            if row.event == "hangup":
+                self.outbox.fail(row, AMBIGUOUS_HANGUP)
+                self._report(row, outcome, AMBIGUOUS_HANGUP)
+                self.on_sent(row, outcome)
+                return
+            kind = zammad.ZAMMAD_DOWN
+        if kind == zammad.DELIVERED:
+            self.outbox.delivered(row.id)
+            if self.down_since is not None:
+                log.info("Zammad answers again after %.0f s; sending the backlog (%d events)",
+                         time.monotonic() - self.down_since, self.outbox.pending)
+            self.down_since, self._down_failures, self._paused_until = None, 0, 0.0
+            if outcome.action:
+                self.on_action(row, outcome.action)
+        elif kind == zammad.FAILED:
+            self.outbox.fail(row, f"HTTP {outcome.status}: {outcome.detail}")
+            self._report(row, outcome, outcome.detail)
+        elif kind == zammad.RETRY:
+            delay = backoff(row.attempts, self.retry_max)
+            self.outbox.retry_later(row.id, time.time() + delay,
+                                    f"HTTP {outcome.status}: {outcome.detail}")
+        else:  # Zammad down: everyone waits
+            self.outbox.attempted(row.id, f"HTTP {outcome.status}: {outcome.detail}")
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("Zammad unreachable: %s; events wait in the outbox and are retried "
+                            "with backoff", outcome.detail or f"HTTP {outcome.status}")
+            self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
+            self._down_failures += 1
+        self.on_sent(row, outcome)
+
+    def _report(self, row: Row, outcome: zammad.Outcome, why: str) -> None:
+        """Log a permanent failure: loudly the first time, quietly after."""
+        self.last_failure = why
+        key = f"{outcome.status}:{why}"
+        hint = ("fix the setting, then run 'fs-zammad outbox retry' to send the events set aside"
+                if outcome.config_error else "'fs-zammad outbox list' shows it, "
+                "'fs-zammad outbox retry' sends it again")
+        level = logging.ERROR if key not in self._reported else logging.DEBUG
+        self._reported.add(key)
+        log.log(level, "Zammad refused %s for call %s (HTTP %s: %s); set aside: %s",
+                row.event, row.call_id, outcome.status or "-", why, hint)
+
+    def drain(self, deadline: float) -> bool:
+        """Keep sending until the outbox is empty or the deadline; True if empty."""
+        while time.monotonic() < deadline:
+            if self.idle or (self.down_since is not None and not self._inflight):
+                break
+            self._wake.set()
+            gevent.sleep(0.02)
+        return self.idle
+
+    def stop(self, deadline: float) -> None:
+        """Stop starting requests; wait for the ones in flight until the deadline."""
+        self._stopping = True
+        self._wake.set()
+        self._pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._inflight:
+            log.warning("stopping with %d requests unanswered; they stay in the outbox",
+                        len(self._inflight))
+            self._pool.kill(timeout=1)

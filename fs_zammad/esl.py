@@ -1,0 +1,323 @@
+"""A supervised greenswitch connection to FreeSWITCH's event socket.
+
+greenswitch speaks the protocol; this module covers what it leaves out
+(``shared/reference/freeswitch-esl.md`` lists its weaknesses):
+
+* a fresh ``InboundESL`` for every attempt, since one never reconnects;
+* ``gevent.Timeout`` around connect, auth, subscribe and every command;
+* its reader replaced where it breaks: an event body is parsed by
+  :mod:`fs_zammad.wire` (decode after splitting lines), a frame cut short by
+  EOF ends the connection instead of spinning, a malformed frame is logged
+  and skipped, and any reader error ends the connection instead of leaving
+  ``connected=True`` on a dead socket;
+* events still queued inside greenswitch when the socket drops are handed
+  on, not lost;
+* liveness: any event (HEARTBEAT every 20 s) proves the socket alive; after
+  half the liveness window of silence an ``api status`` probe is sent, and
+  after the whole window the connection is rebuilt;
+* reconnect forever with capped, jittered backoff; a wrong password or an
+  ACL refusal is logged plainly and retried at the slowest pace.
+
+The handler given to :class:`EslSupervisor` must be quick: it runs in the
+connection's processing greenlet.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import gevent
+from gevent.queue import Empty
+from greenswitch.esl import InboundESL, NotConnectedError
+
+from fs_zammad.wire import FrameError, parse_event_plain
+
+log = logging.getLogger("fs_zammad.esl")
+
+# Only what the call tracker reads, plus HEARTBEAT for liveness: every
+# event not subscribed is an event FreeSWITCH need not format nor we parse.
+SUBSCRIBED = ("CHANNEL_CREATE CHANNEL_EXECUTE CHANNEL_ANSWER CHANNEL_BRIDGE "
+              "CHANNEL_HANGUP_COMPLETE HEARTBEAT")
+
+
+class EslError(Exception):
+    """Connecting failed; ``slow`` errors are configuration, retried slowly."""
+
+    def __init__(self, message: str, slow: bool = False):
+        super().__init__(message)
+        self.slow = slow
+
+
+class ParsedEvent:
+    """What greenswitch's dispatcher needs: ``headers``."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: dict[str, str]):
+        self.headers = headers
+
+
+class _Connection(InboundESL):
+    """greenswitch's InboundESL with a reader that cannot hang or spin."""
+
+    def __init__(self, host, port, password, timeout, on_broken):
+        super().__init__(host, port, password, timeout=timeout)
+        self.disconnect_reason = ""
+        self._on_broken = on_broken
+
+    def receive_events(self):
+        try:
+            super().receive_events()
+        except Exception as exc:  # greenswitch's reader would die silently
+            self.disconnect_reason = f"reader stopped: {type(exc).__name__}: {exc}"[:200]
+        finally:
+            self.connected = False
+            self._run = False
+            self._auth_request_event.set()
+            for pending in self._commands_sent:
+                if not pending.ready():
+                    pending.set_exception(NotConnectedError("connection lost"))
+            self._on_broken()
+
+    @staticmethod
+    def _read_socket(sock, length):
+        data = b""
+        while len(data) < length:
+            chunk = sock.read(length - len(data))
+            if not chunk:
+                raise EOFError(f"connection closed inside a frame ({len(data)} of {length} bytes)")
+            data += chunk
+        return data.decode("utf-8", errors="replace")
+
+    def handle_event(self, event):
+        headers = event.headers
+        content_type = headers.get("Content-Type")
+        if content_type in ("text/event-plain", "text/event-json", "log/data") or (
+                content_type is None and "Content-Length" in headers):
+            body = self._read_socket(self.sock_file, self._length(headers))
+            if content_type != "text/event-plain":
+                log.warning("skipped a frame of type %s from FreeSWITCH", content_type or "(none)")
+                return
+            try:
+                self._esl_event_queue.put(ParsedEvent(parse_event_plain(body)))
+            except FrameError as exc:
+                log.warning("skipped a malformed event from FreeSWITCH: %s", exc)
+            return
+        if content_type == "text/disconnect-notice":
+            body = self._read_socket(self.sock_file, self._length(headers)) \
+                if "Content-Length" in headers else ""
+            if headers.get("Content-Disposition") == "linger":
+                return
+            self.disconnect_reason = "FreeSWITCH said: " + (" ".join(body.split()) or "goodbye")
+            self.connected = False
+            self._run = False
+            return
+        if content_type == "text/rude-rejection":
+            self.disconnect_reason = "FreeSWITCH refused us by its ACL (Access Denied): allow " \
+                                     "this host in event_socket.conf.xml (apply-inbound-acl)"
+            self.connected = False
+            self._read_socket(self.sock_file, self._length(headers))
+            self._auth_request_event.set()
+            return
+        if content_type in ("auth/request", "command/reply", "api/response"):
+            if content_type != "auth/request" and not self._commands_sent:
+                log.warning("skipped an unexpected %s from FreeSWITCH", content_type)
+                if content_type == "api/response":
+                    self._read_socket(self.sock_file, self._length(headers))
+                return
+            super().handle_event(event)
+            return
+        log.warning("skipped a frame with unknown Content-Type %r", content_type)
+
+    @staticmethod
+    def _length(headers) -> int:
+        try:
+            length = int(headers.get("Content-Length", "0"))
+        except ValueError:
+            raise FrameError(f"bad Content-Length {headers.get('Content-Length')!r}") from None
+        if length < 0 or length > 16 * 1024 * 1024:
+            raise FrameError(f"implausible Content-Length {length}")
+        return length
+
+    def close(self) -> None:
+        """Tear down without greenswitch's stop(), which can block forever."""
+        self._run = False
+        self.connected = False
+        for greenlet in (self._receive_events_greenlet, self._process_events_greenlet):
+            if greenlet is not None:
+                greenlet.kill(block=False)
+        for closable in (getattr(self, "sock_file", None), getattr(self, "sock", None)):
+            if closable is not None:
+                try:
+                    closable.close()
+                except OSError:
+                    pass
+
+
+class EslSupervisor:
+    """Keeps one live, subscribed connection; hands every event to ``on_event``."""
+
+    def __init__(self, host: str, port: int, password: str, timeout: float = 5.0,
+                 liveness: float = 60.0, reconnect_max: float = 30.0,
+                 on_event=None, on_connected=None, on_state=None):
+        self.host, self.port, self._password = host, port, password
+        self.timeout = timeout
+        self.liveness = liveness
+        self.reconnect_max = reconnect_max
+        self.on_event = on_event or (lambda headers: None)
+        self.on_connected = on_connected or (lambda supervisor: None)
+        self.on_state = on_state or (lambda connected: None)
+        self.connected = False
+        self.reconnects = 0
+        self._conn: _Connection | None = None
+        self._last_seen = 0.0
+        self._stopping = False
+        self._broken = gevent.event.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- one connection ---------------------------------------------------
+
+    def connect(self) -> _Connection:
+        """Connect, authenticate and subscribe within ``timeout`` each."""
+        self._broken.clear()
+        conn = _Connection(self.host, self.port, self._password, self.timeout, self._broken.set)
+        conn.register_handle("*", self._dispatch)
+        try:
+            with gevent.Timeout(self.timeout, EslError(
+                    f"FreeSWITCH at {self.address} accepted TCP but did not ask for a "
+                    f"password within {self.timeout:g} s")):
+                conn.connect()
+            with gevent.Timeout(self.timeout, EslError("FreeSWITCH did not confirm the "
+                                                       "event subscription in time")):
+                reply = conn.send(f"event plain {SUBSCRIBED}")
+            if not reply.headers.get("Reply-Text", "").startswith("+OK"):
+                raise EslError(f"event subscription refused: {reply.headers.get('Reply-Text')}")
+        except ValueError:  # greenswitch's "Invalid password."
+            conn.close()
+            raise EslError(f"FreeSWITCH at {self.address} rejected the event socket password "
+                           "(FREESWITCH_PASSWORD)", slow=True) from None
+        except NotConnectedError as exc:
+            conn.close()
+            reason = conn.disconnect_reason or str(exc) or "connection closed"
+            raise EslError(reason, slow="ACL" in reason) from None
+        except (OSError, EslError, gevent.Timeout) as exc:
+            conn.close()
+            if isinstance(exc, ConnectionRefusedError):
+                raise EslError(f"FreeSWITCH at {self.address} refused the connection (is it "
+                               "running, is mod_event_socket loaded?)") from None
+            if isinstance(exc, EslError):
+                raise
+            raise EslError(f"cannot reach FreeSWITCH at {self.address}: "
+                           f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)) \
+                from None
+        return conn
+
+    def api(self, command: str) -> str:
+        """Run ``api <command>`` on the live connection; raises EslError if none."""
+        conn = self._conn
+        if conn is None or not conn.connected:
+            raise EslError("not connected to FreeSWITCH")
+        try:
+            with gevent.Timeout(self.timeout, EslError(f"api {command.split()[0]} timed out")):
+                reply = conn.send(f"api {command}")
+        except NotConnectedError:
+            raise EslError("connection lost during an api command") from None
+        return getattr(reply, "data", "") or ""
+
+    def _dispatch(self, event) -> None:
+        self._last_seen = time.monotonic()
+        try:
+            self.on_event(event.headers)
+        except Exception as exc:  # never let one event stop the stream
+            log.error("could not process %s for %s: %s: %s",
+                      event.headers.get("Event-Name"), event.headers.get("Unique-ID", "-"),
+                      type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+
+    # -- supervision ------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect, watch, reconnect; returns only after stop()."""
+        failures = 0
+        while not self._stopping:
+            try:
+                conn = self.connect()
+            except EslError as exc:
+                failures += 1
+                delay = self.reconnect_max if exc.slow else min(
+                    self.reconnect_max, 0.5 * 2 ** min(failures, 10))
+                delay *= 0.75 + random.random() / 4
+                log.error("%s; retrying in %.1f s", exc, delay)
+                self._sleep(delay)
+                continue
+            failures = 0
+            self._conn = conn
+            self.connected = True
+            self._last_seen = time.monotonic()
+            if self.reconnects:
+                log.info("connected to FreeSWITCH at %s again (reconnect %d)", self.address,
+                         self.reconnects)
+            else:
+                log.info("connected to FreeSWITCH at %s, subscribed to %s", self.address,
+                         SUBSCRIBED)
+            self.on_state(True)
+            try:
+                self.on_connected(self)
+                reason = self._watch(conn)
+            except EslError as exc:
+                reason = str(exc)
+            self.connected = False
+            self._conn = None
+            conn.close()
+            self._hand_on_leftovers(conn)
+            self.on_state(False)
+            if self._stopping:
+                break
+            self.reconnects += 1
+            log.warning("lost FreeSWITCH at %s: %s; reconnecting", self.address, reason)
+            self._sleep(0.2 + random.random() * 0.3)
+
+    def _watch(self, conn: _Connection) -> str:
+        probe_after = self.liveness / 2
+        while not self._stopping:
+            self._broken.wait(timeout=min(1.0, probe_after))
+            if not conn.connected or self._broken.is_set():
+                return conn.disconnect_reason or "connection closed"
+            silent = time.monotonic() - self._last_seen
+            if silent >= self.liveness:
+                return f"no event for {silent:.0f} s (half-dead connection)"
+            if silent >= probe_after:
+                try:
+                    self.api("status")
+                    self._last_seen = time.monotonic()
+                except EslError as exc:
+                    return f"liveness probe failed: {exc}"
+        return "stopping"
+
+    def _hand_on_leftovers(self, conn: _Connection) -> None:
+        """Events greenswitch read but had not dispatched when the socket went."""
+        while True:
+            try:
+                event = conn._esl_event_queue.get_nowait()
+            except Empty:
+                return
+            if isinstance(event, ParsedEvent):
+                self._dispatch(event)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            gevent.sleep(min(0.2, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        """Stop reading: close the socket; events already read are handed on."""
+        self._stopping = True
+        self._broken.set()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+            self._hand_on_leftovers(conn)

@@ -1,0 +1,193 @@
+"""The running service: wires socket -> tracker -> outbox -> delivery.
+
+Data flows one way: EslSupervisor hands each event to ``on_event``, which
+asks the CallTracker what Zammad is now owed and stores that (and the calls'
+state) in the outbox in one transaction; Delivery sends from the outbox.
+``run()`` is the short main loop; SIGTERM/SIGINT only set an Event, and
+``_shutdown()`` stops in explicit steps: stop reading, drain until the
+deadline, then cut what is still in flight (it stays in the outbox).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+
+import gevent
+from gevent.event import Event
+
+from fs_zammad import metrics
+from fs_zammad.calls import Call, CallTracker, TrackerRules, channels_to_headers
+from fs_zammad.causes import CauseMapper
+from fs_zammad.config import Settings
+from fs_zammad.delivery import Delivery
+from fs_zammad.esl import EslError, EslSupervisor
+from fs_zammad.outbox import Outbox
+from fs_zammad.zammad import DryRunClient, ZammadClient
+
+log = logging.getLogger("fs_zammad")
+sent_log = logging.getLogger("fs_zammad.sent")
+
+EXPIRY_INTERVAL = 30.0
+
+
+def tracker_rules(settings: Settings) -> TrackerRules:
+    return TrackerRules(
+        external_contexts=settings.external_contexts,
+        external_profiles=settings.external_profiles,
+        country_code=settings.country_code,
+        national_prefix=settings.national_prefix,
+        queue_keep_domain=settings.queue_keep_domain,
+        max_call_seconds=settings.max_call_seconds,
+        cause_mapper=CauseMapper(settings.cause_overrides),
+    )
+
+
+def outbox_path(settings: Settings) -> str:
+    """The dry run keeps nothing: it must work without a writable directory."""
+    return ":memory:" if settings.dry_run else str(settings.state_dir / "outbox.sqlite3")
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.outbox = Outbox(outbox_path(settings), settings.outbox_max_events)
+        calls = [Call.from_json(text) for text in self.outbox.load_calls()]
+        self.tracker = CallTracker(tracker_rules(settings), calls)
+        if settings.dry_run:
+            self.client = DryRunClient()
+        else:
+            self.client = ZammadClient(settings.zammad_url, settings.zammad_timeout,
+                                       settings.zammad_verify, pool_size=settings.zammad_concurrency)
+        self.delivery = Delivery(self.outbox, self.client, settings.zammad_concurrency,
+                                 settings.zammad_retry_max, on_sent=self._log_sent,
+                                 on_action=self._on_action)
+        self.esl = EslSupervisor(
+            settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
+            settings.freeswitch_timeout, settings.freeswitch_liveness,
+            settings.freeswitch_reconnect_max, on_event=self.on_event,
+            on_connected=self.on_connected, on_state=metrics.ESL_CONNECTED.set)
+        self.stop_requested = Event()
+        self.started = time.monotonic()
+        metrics.bind(self)
+
+    # -- event path (runs in the ESL processing greenlet: keep it quick) --------
+
+    def on_event(self, headers) -> None:
+        name = headers.get("Event-Name", "")
+        metrics.EVENTS_RECEIVED.labels(name).inc()
+        if name == "HEARTBEAT":
+            return
+        self._store(self.tracker.handle(headers, time.time()))
+
+    def on_connected(self, supervisor: EslSupervisor) -> None:
+        """After every (re)connect: learn which calls are up, settle the gap."""
+        try:
+            body = supervisor.api("show channels as json")
+            rows = json.loads(body or "{}").get("rows") or []
+        except (EslError, ValueError) as exc:
+            log.warning("could not list FreeSWITCH's channels after connecting (%s); calls "
+                        "that ended while disconnected end at MAX_CALL_SECONDS", exc)
+            return
+        events = self.tracker.reconcile(channels_to_headers(rows), time.time())
+        if events or self.tracker.calls:
+            log.info("resync: %d channels up, %d calls followed, %d events from the gap",
+                     len(rows), len(self.tracker.calls), len(events))
+        self._store(events)
+
+    def _store(self, events) -> None:
+        tracker = self.tracker
+        if not events and not tracker.dirty:
+            return
+        upserts, deletes = [], []
+        for call_id in tracker.dirty:
+            call = tracker.calls.get(call_id)
+            if call is None:
+                deletes.append(call_id)
+            else:
+                upserts.append((call_id, call.to_json()))
+        tracker.dirty.clear()
+        refused = self.outbox.record(events, upserts, deletes)
+        if refused:
+            metrics.OUTBOX_REFUSED.inc(refused)
+            log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped; "
+                      "Zammad has been failing since %s", self.outbox.max_events, refused,
+                      "a while" if self.delivery.down_since else "(not down)")
+        if events:
+            self.delivery.wake()
+
+    # -- delivery callbacks -------------------------------------------------------
+
+    def _log_sent(self, row, outcome) -> None:
+        fields = dict(row.fields)
+        metrics.observe_sent(row, outcome)
+        level = logging.INFO if outcome.kind == "delivered" else logging.WARNING
+        sent_log.log(level, "%s %s", row.event, outcome.kind, extra={"event_fields": {
+            "event": row.event, "callId": row.call_id, "direction": fields.get("direction"),
+            "from": fields.get("from"), "to": fields.get("to"), "user": fields.get("user"),
+            "cause": fields.get("cause"), "status": outcome.status or None,
+            "ms": outcome.elapsed_ms, "result": outcome.kind,
+            "detail": outcome.detail or None}})
+
+    def _on_action(self, row, action: dict) -> None:
+        kind = action.get("action")
+        if kind == "reject":
+            if not self.settings.reject_blocked:
+                log.info("Zammad's block list rejects call %s (%s); REJECT_BLOCKED=false, so it "
+                         "rings on", row.call_id, action.get("reason", ""))
+                return
+            try:
+                reply = self.esl.api(f"uuid_kill {row.call_id} {self.settings.reject_cause}")
+                log.info("call %s rejected by Zammad's block list: hung up with %s (%s)",
+                         row.call_id, self.settings.reject_cause, reply.strip() or "no reply")
+            except EslError as exc:
+                log.error("could not hang up blocked call %s: %s", row.call_id, exc)
+        elif kind == "dial":
+            log.info("Zammad suggests for call %s: dial %s with caller id %s", row.call_id,
+                     action.get("number", "?"), action.get("caller_id", "?"))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _expire_loop(self) -> None:
+        while not self.stop_requested.is_set():
+            self.stop_requested.wait(EXPIRY_INTERVAL)
+            events = self.tracker.expire(time.time())
+            if events:
+                log.warning("%d calls exceeded MAX_CALL_SECONDS without a hangup; ended",
+                            sum(1 for e in events if e.name == "hangup"))
+            self._store(events)
+
+    def run(self) -> int:
+        settings = self.settings
+        log.info("fs-zammad starting: FreeSWITCH %s:%s -> Zammad %s; outbox %s (%d pending, %d "
+                 "calls in progress)", settings.freeswitch_host, settings.freeswitch_port,
+                 self.client.redacted_url, self.outbox.path, self.outbox.pending,
+                 len(self.tracker.calls))
+        if settings.dry_run:
+            log.warning("ZAMMAD_CTI_URL is not set: dry run, events are logged, not sent")
+        gevent.signal_handler(signal.SIGTERM, self.stop_requested.set)
+        gevent.signal_handler(signal.SIGINT, self.stop_requested.set)
+        workers = [gevent.spawn(self.esl.run), gevent.spawn(self.delivery.run),
+                   gevent.spawn(self._expire_loop)]
+        server = metrics.serve(self) if settings.metrics_port else None
+        self.stop_requested.wait()
+        self._shutdown(workers, server)
+        return 0
+
+    def _shutdown(self, workers, server) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        log.info("stopping: no more events from FreeSWITCH; sending what is queued (up to "
+                 "%.0f s)", self.settings.shutdown_timeout)
+        self.esl.stop()                      # 1. stop accepting
+        drained = self.delivery.drain(deadline)  # 2. drain until the deadline
+        self.delivery.stop(deadline)         # 3. then cut the rest: it stays in the outbox
+        if server is not None:
+            server.stop(timeout=1)
+        gevent.killall(workers, timeout=2)
+        pending = self.outbox.pending
+        self.client.close()
+        self.outbox.close()
+        log.info("stopped%s; %d events kept in the outbox for the next start",
+                 "" if drained else " before the queue was empty", pending)

@@ -1,0 +1,166 @@
+"""One POST to Zammad's CTI endpoint -> delivered, retry or failed.
+
+``ZammadClient`` owns the keep-alive ``requests.Session`` and nothing else:
+retry timing and ordering belong to delivery.py. ``classify`` is pure and
+holds everything we know about Zammad's answers (see
+``shared/reference/zammad-cti-api.md``):
+
+* 200 is accepted; its JSON may ask to ``reject`` a blocked caller.
+* 401 (token) and 422 (CTI disabled, not configured, bad field) are
+  configuration errors: no retry fixes them.
+* 500 "already exists" for a newCall means an earlier try was stored.
+* 500 "No such call_id" means the call's newCall never arrived: permanent.
+* other 5xx, 408, 429 and connection trouble are worth retrying; when the
+  request may have reached Zammad (a timeout after sending), the outcome is
+  ``maybe_sent``, which delivery never retries for a hangup.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from fs_zammad import __version__
+from fs_zammad.config import redact_url
+
+log = logging.getLogger(__name__)
+
+DELIVERED, RETRY, ZAMMAD_DOWN, FAILED, MAYBE_SENT = (
+    "delivered", "retry", "zammad_down", "failed", "maybe_sent")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str           # one of the constants above
+    status: int         # HTTP status, 0 without an answer
+    detail: str         # Zammad's words or the network error, one line
+    action: dict | None = None  # {"action": "reject", ...} from a newCall answer
+    elapsed_ms: float = 0.0
+    config_error: bool = False  # 401/422/404: the admin must fix something
+
+
+def error_text(body: str, limit: int = 200) -> str:
+    """Zammad's error message from a JSON or HTML error body, on one line."""
+    body = body or ""
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict) and data.get("error"):
+            return " ".join(str(data["error"]).split())[:limit]
+    except ValueError:
+        pass
+    for pattern in (r"<h2[^>]*>(.*?)</h2>", r"<h1[^>]*>(.*?)</h1>", r"<title[^>]*>(.*?)</title>"):
+        found = re.search(pattern, body, re.S | re.I)
+        if found and found.group(1).strip():
+            text = re.sub(r"<[^>]+>", " ", found.group(1))
+            break
+    else:
+        text = re.sub(r"<[^>]+>", " ", body)
+    return " ".join(html.unescape(text).split())[:limit]
+
+
+def classify(event: str, status: int, body: str) -> Outcome:
+    """HTTP answer -> Outcome (pure)."""
+    if status == 200:
+        action = None
+        try:
+            data = json.loads(body or "{}")
+            if isinstance(data, dict) and data.get("action"):
+                action = data
+        except ValueError:
+            pass
+        return Outcome(DELIVERED, status, "", action)
+    text = error_text(body)
+    if status == 500:
+        if "already exists" in (body or "") and event == "newCall":
+            return Outcome(DELIVERED, status, "already stored by an earlier try")
+        if "No such call_id" in (body or ""):
+            return Outcome(FAILED, status, text or "No such call_id")
+        return Outcome(RETRY, status, text or "server error")
+    if status in (401, 403, 404, 422):
+        return Outcome(FAILED, status, text or f"HTTP {status}", config_error=True)
+    if status in (502, 503, 504):
+        return Outcome(ZAMMAD_DOWN, status, text or f"HTTP {status}")
+    if status in (408, 429) or status >= 500:
+        return Outcome(RETRY, status, text or f"HTTP {status}")
+    return Outcome(FAILED, status, text or f"HTTP {status}")
+
+
+def _network_outcome(exc: requests.RequestException, secrets: tuple[str, ...]) -> Outcome:
+    """Connection trouble: was the request possibly received?"""
+    text = " ".join(str(exc).split())
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return Outcome(ZAMMAD_DOWN, 0, f"TLS error: {text[:200]}")
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return Outcome(MAYBE_SENT, 0, "no answer in time (the request may have been processed)")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = repr(getattr(exc.args[0], "reason", exc.args[0])) if exc.args else text
+        if any(word in reason for word in ("NewConnectionError", "NameResolution",
+                                            "ConnectTimeout", "refused")):
+            if "NameResolution" in reason or "Name or service" in text:
+                return Outcome(ZAMMAD_DOWN, 0, "DNS lookup failed for Zammad's host")
+            return Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable")
+        return Outcome(MAYBE_SENT, 0, f"connection lost during the request: {text[:160]}")
+    return Outcome(ZAMMAD_DOWN, 0, text[:200])
+
+
+class ZammadClient:
+    """Posts form-encoded CTI events over one keep-alive session."""
+
+    def __init__(self, url: str, timeout: float = 10.0, verify: bool | str = True,
+                 connect_timeout: float = 5.0, pool_size: int = 8):
+        self.url = url
+        self.timeout = (min(connect_timeout, timeout), timeout)
+        self.session = requests.Session()
+        self.session.verify = verify
+        self.session.headers.update({
+            "Accept": "application/json",  # Zammad answers errors as JSON, not HTML pages
+            "User-Agent": f"fs-zammad/{__version__}",
+        })
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        token = url.rstrip("/").rpartition("/")[2]
+        self._secrets = (token,) if token else ()
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+    def post(self, fields: tuple[tuple[str, str], ...]) -> Outcome:
+        event = dict(fields).get("event", "")
+        started = time.monotonic()
+        try:
+            response = self.session.post(self.url, data=list(fields), timeout=self.timeout)
+        except requests.RequestException as exc:
+            outcome = _network_outcome(exc, self._secrets)
+        else:
+            outcome = classify(event, response.status_code, response.text)
+        elapsed = (time.monotonic() - started) * 1000
+        return Outcome(outcome.kind, outcome.status, outcome.detail, outcome.action,
+                       round(elapsed, 1), outcome.config_error)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class DryRunClient:
+    """ZAMMAD_CTI_URL unset: log what would be sent, accept everything."""
+
+    redacted_url = "(dry run)"
+
+    def post(self, fields: tuple[tuple[str, str], ...]) -> Outcome:
+        return Outcome(DELIVERED, 0, "dry run: not sent")
+
+    def close(self) -> None:
+        pass
