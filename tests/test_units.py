@@ -1,0 +1,132 @@
+"""Pure pieces: numbers, settings, the event-plain parser, Zammad's answers."""
+
+from pathlib import Path
+
+import pytest
+
+from fs_zammad.config import VARIABLES, ConfigError, load_settings, redact_url
+from fs_zammad.numbers import to_e164
+from fs_zammad.wire import FrameError, iter_capture, parse_event_plain
+from fs_zammad.zammad import (DELIVERED, FAILED, RETRY, ZAMMAD_DOWN, classify, error_text)
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("raw,country,expected", [
+    ("+49 221 4710334", "", "492214710334"),
+    ("00492214710334", "", "492214710334"),
+    ("004312345678", "", "4312345678"),
+    ("06641234567", "43", "436641234567"),
+    ("06641234567", "", "06641234567"),        # Zammad itself would assume Germany
+    ("1001", "43", "1001"),                    # extensions stay
+    ("anonymous", "43", "anonymous"),
+    ("sip:+4930123456@carrier", "", "4930123456"),
+    ("(030) 123-456 78", "49", "493012345678"),
+])
+def test_to_e164(raw, country, expected):
+    assert to_e164(raw, country) == expected
+
+
+def test_defaults_need_no_environment():
+    settings = load_settings({})
+    assert settings.dry_run
+    assert (settings.freeswitch_host, settings.freeswitch_port) == ("127.0.0.1", 8021)
+    assert settings.freeswitch_password == "ClueCon"
+    assert settings.external_contexts == {"public"}
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"FREESWITCH_PORT": "80a"}, "FREESWITCH_PORT"),
+    ({"FREESWITCH_PORT": "70000"}, "FREESWITCH_PORT"),
+    ({"ZAMMAD_CTI_URL": "zammad.example.com"}, "ZAMMAD_CTI_URL"),
+    ({"ZAMMAD_CTI_URL": "https://zammad.example.com/api/v1/other"}, "ZAMMAD_CTI_URL"),
+    ({"ZAMMAD_TLS_VERIFY": "maybe"}, "ZAMMAD_TLS_VERIFY"),
+    ({"ZAMMAD_CAUSE_MAP": "USER_BUSY=later"}, "ZAMMAD_CAUSE_MAP"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"COUNTRY_CODE": "+4x"}, "COUNTRY_CODE"),
+    ({"ZAMMAD_CA_BUNDLE": "/nonexistent.pem"}, "ZAMMAD_CA_BUNDLE"),
+    ({"FREESWITCH_PASSWORD_FILE": "/nonexistent"}, "FREESWITCH_PASSWORD_FILE"),
+    ({"ZAMMAD_CONCURRENCY": "0"}, "ZAMMAD_CONCURRENCY"),
+])
+def test_bad_values_name_the_variable(env, names):
+    with pytest.raises(ConfigError, match=names):
+        load_settings(env)
+
+
+def test_secrets_stay_out_of_repr_and_errors(tmp_path):
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("s3cret-pass\n")
+    settings = load_settings({"FREESWITCH_PASSWORD_FILE": str(secret_file),
+                              "ZAMMAD_CTI_URL": "https://z.example.com/api/v1/cti/tok3n-xyz"})
+    assert settings.freeswitch_password == "s3cret-pass"
+    assert "s3cret" not in repr(settings) and "tok3n" not in repr(settings)
+    assert settings.zammad_url_redacted == "https://z.example.com/api/v1/cti/***"
+    assert set(settings.secrets) == {"s3cret-pass", "tok3n-xyz"}
+    with pytest.raises(ConfigError) as err:
+        load_settings({"ZAMMAD_CTI_URL": "ftp://z.example.com/api/v1/cti/tok3n-xyz"})
+    assert "tok3n" not in str(err.value)
+    assert redact_url("https://u:pw@z:8443/api/v1/cti/abc") == "https://z:8443/api/v1/cti/***"
+
+
+def test_every_variable_is_documented_in_readme_and_env_file():
+    readme = (ROOT / "README.md").read_text()
+    env_file = (ROOT / "conf" / "fs-zammad.env").read_text()
+    for name, default, _ in VARIABLES:
+        assert f"`{name}`" in readme, name
+        assert f"{name}={default}" in env_file or f"# {name}={default}" in env_file, name
+
+
+def test_every_variable_the_code_reads_is_declared():
+    import re
+    declared = {name for name, _, _ in VARIABLES}
+    source = (ROOT / "fs_zammad" / "config.py").read_text()
+    read = set(re.findall(r'"([A-Z][A-Z_]+[A-Z])"', source))
+    read = {n for n in read if not n.startswith(("DEBUG", "INFO", "WARNING", "ERROR", "USER_",
+                                                 "CALL_"))} - {"XDG_STATE_HOME"}
+    assert read <= declared | {f"{n}_FILE" for n in declared}
+
+
+def test_parse_event_plain_decodes_after_splitting():
+    body = b"Event-Name: CUSTOM\nCaller-Caller-ID-Name: Evil%0AEvent-Name%3A%20FAKE\n" \
+           b"Hangup-Cause: USER_BUSY\nHangup-Cause: USER_BUSY\n\n"
+    headers = parse_event_plain(body)
+    assert headers["Event-Name"] == "CUSTOM"
+    assert headers["Caller-Caller-ID-Name"] == "Evil\nEvent-Name: FAKE"
+    assert headers["Hangup-Cause"] == "USER_BUSY"
+
+
+@pytest.mark.parametrize("body", [b"no colon here\n\n", b"Unique-ID: x\n\n"])
+def test_malformed_events_raise(body):
+    with pytest.raises(FrameError):
+        parse_event_plain(body)
+
+
+def test_capture_cut_short_is_reported():
+    data = (ROOT / "tests/fixtures/callcentre/S1/events_all.txt").read_bytes()
+    assert len(list(iter_capture(data))) == 57
+    with pytest.raises(FrameError, match="cut short"):
+        list(iter_capture(data[:-10]))
+
+
+@pytest.mark.parametrize("event,status,body,kind", [
+    ("newCall", 200, "{}", DELIVERED),
+    ("newCall", 500, '{"error":"call_id abc already exists!"}', DELIVERED),
+    ("answer", 500, '{"error":"No such call_id abc"}', FAILED),
+    ("hangup", 500, "<html><body><h1>No such call_id abc</h1></body></html>", FAILED),
+    ("hangup", 500, '{"error":"PG::ConnectionBad"}', RETRY),
+    ("newCall", 401, '{"error":"Invalid token, please contact your admin!"}', FAILED),
+    ("newCall", 422, '{"error":"Feature is disabled, please contact your administrator!"}', FAILED),
+    ("newCall", 502, "<html><head><title>502 Bad Gateway</title></head></html>", ZAMMAD_DOWN),
+    ("newCall", 503, "", ZAMMAD_DOWN),
+    ("newCall", 429, "", RETRY),
+    ("newCall", 400, "", FAILED),
+])
+def test_classify(event, status, body, kind):
+    assert classify(event, status, body).kind == kind
+
+
+def test_reject_action_is_returned_and_error_texts_are_one_line():
+    outcome = classify("newCall", 200, '{"action":"reject","reason":"busy"}')
+    assert outcome.action == {"action": "reject", "reason": "busy"}
+    assert error_text("<html><title>502 Bad\n Gateway</title></html>") == "502 Bad Gateway"
+    assert error_text('{"error":"Invalid token"}') == "Invalid token"
