@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="connect to FreeSWITCH and forward calls until stopped")
     sub.add_parser("check", help="check both ends (FreeSWITCH login, Zammad token) and exit")
+    sub.add_parser("health", help="ask the running service's /healthz (METRICS_PORT); exit 0 "
+                                  "if healthy (for HEALTHCHECK)")
     replay = sub.add_parser("replay", help="print the Zammad requests that captured ESL events "
                                            "produce (or --send them)")
     replay.add_argument("files", nargs="+", metavar="FILE",
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
     if command == "check":
         return check(settings)
+    if command == "health":
+        return health(settings)
     if command == "replay":
         return replay(settings, args.files, args.send)
     return outbox_command(settings, args.action, args.call)
@@ -124,6 +128,30 @@ def check(settings) -> int:
         say(False, f"{where}: {outcome.detail}")
     client.close()
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def health(settings) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    if not settings.metrics_port:
+        print("fs-zammad health: METRICS_PORT is not set, nothing to ask", file=sys.stderr)
+        return EXIT_FAILED
+    host = "127.0.0.1" if settings.metrics_address in ("0.0.0.0", "::", "") \
+        else settings.metrics_address
+    url = f"http://{host}:{settings.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = response.read().decode()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode()
+    except OSError as exc:
+        print(f"unhealthy: {url} not answering ({exc})")
+        return EXIT_FAILED
+    state = json.loads(body)
+    print(state.get("status"), "; ".join(state.get("reasons", [])))
+    return EXIT_OK if state.get("status") == "ok" else EXIT_FAILED
 
 
 def replay(settings, files: list[str], send: bool) -> int:

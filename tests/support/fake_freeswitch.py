@@ -35,9 +35,10 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Union
 from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ SHUTDOWN_NOTICE = b"The system is being shut down.\n"
 # stay raw, unlike urllib.parse.quote(safe=''). Hex digits are upper case.
 _URL_UNSAFE = frozenset(b'\r\n #%&+:;<=>?@[\\]^`{|}"')
 
-Headers = Union[Mapping[str, object], Sequence[tuple]]
+Headers = Union[Mapping[str, object], Sequence[tuple]]  # noqa: UP007 - evaluated at runtime, 3.9 too
 
 
 def fs_url_encode(value: str) -> str:
@@ -60,13 +61,13 @@ def fs_url_encode(value: str) -> str:
     out = []
     for byte in value.encode("utf-8"):
         if byte < 0x20 or byte > 0x7E or byte in _URL_UNSAFE:
-            out.append("%%%02X" % byte)
+            out.append(f"%{byte:02X}")
         else:
             out.append(chr(byte))
     return "".join(out)
 
 
-def serialize_event(headers: Headers, body: Optional[str] = None) -> bytes:
+def serialize_event(headers: Headers, body: str | None = None) -> bytes:
     """Build an event-plain body as switch_event_serialize() does.
 
     Values are URL-encoded, an empty value becomes ``_undef_``, the header
@@ -118,7 +119,7 @@ def first_values(pairs: Iterable[tuple]) -> dict:
     return result
 
 
-def iter_frames(path: Union[str, Path]) -> list:
+def iter_frames(path: str | Path) -> list:
     """Read a captured wire file into ``[(headers dict, raw frame bytes), ...]``.
 
     The raw bytes are the complete frame (outer header + body) exactly as it
@@ -200,7 +201,7 @@ class _Client:
     filters: list = field(default_factory=list)
     closing: bool = False  # someone asked this connection to go away
     reset: bool = False  # close with RST (SO_LINGER 0) instead of FIN
-    thread: Optional[threading.Thread] = None
+    thread: threading.Thread | None = None
 
     def wants(self, headers: dict) -> bool:
         """Would FreeSWITCH deliver an event with these headers to this client?"""
@@ -265,8 +266,8 @@ class FakeFreeSwitch:
     """
 
     def __init__(self, password: str = "ClueCon", *, port: int = 0, acl_deny: bool = False,
-                 silent: bool = False, api_responses: Optional[dict] = None,
-                 heartbeat_interval: Optional[float] = None, send_timeout: float = 10.0,
+                 silent: bool = False, api_responses: dict | None = None,
+                 heartbeat_interval: float | None = None, send_timeout: float = 10.0,
                  auth_timeout: float = 25.0, hostname: str = "vm"):
         self.password = password
         self.acl_deny = acl_deny
@@ -289,14 +290,14 @@ class FakeFreeSwitch:
         self._started_at = time.time()
         self._stopping = threading.Event()
         self._want_listen = True
-        self._lsock: Optional[socket.socket] = None
+        self._lsock: socket.socket | None = None
         self._listening = False
-        self._accept_thread: Optional[threading.Thread] = None
-        self._heartbeat_thread: Optional[threading.Thread] = None
+        self._accept_thread: threading.Thread | None = None
+        self._heartbeat_thread: threading.Thread | None = None
         self._threads: list = []  # every client thread ever started, joined by stop()
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "FakeFreeSwitch":
+    def start(self) -> FakeFreeSwitch:
         """Bind (so ``.port`` is known when this returns) and start serving."""
         self._lsock = self._bind(self.port)
         self.port = self._lsock.getsockname()[1]
@@ -330,7 +331,7 @@ class FakeFreeSwitch:
         if alive:
             log.warning("fake-fs: threads still running after stop(): %s", alive)
 
-    def __enter__(self) -> "FakeFreeSwitch":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -377,12 +378,12 @@ class FakeFreeSwitch:
         def subscribed():
             for c in self._clients:
                 if c.conn_id > after and c.authed and c.subscribed and not c.closing:
-                    return set(c.events) | set(c.subclasses) or {"<none>"}
+                    return set(c.events) | set(c.subclasses)
             return None
         return self.wait_until(subscribed, timeout, "an authenticated, subscribed client")
 
     # ------------------------------------------------------------------ events
-    def emit(self, headers: Headers, body: Optional[str] = None, *, complete: bool = True) -> int:
+    def emit(self, headers: Headers, body: str | None = None, *, complete: bool = True) -> int:
         """Send one event built from ``headers`` (dict or list of pairs, so repeats are possible).
 
         With ``complete`` the standard headers FreeSWITCH puts on every event
@@ -404,15 +405,14 @@ class FakeFreeSwitch:
         headers = first_values(parse_event_body(body))
         return self._deliver(frame_event(body), headers)
 
-    def replay(self, path: Union[str, Path], delay: float = 0.0) -> int:
+    def replay(self, path: str | Path, delay: float = 0.0) -> int:
         """Forward every frame of a captured wire file, byte for byte, to the
         clients whose subscription and filters match; ``delay`` seconds between
         frames. Returns the number of frames that reached at least one client."""
         sent = 0
         for index, (headers, raw) in enumerate(iter_frames(path)):
-            if index and delay:
-                if self._stopping.wait(delay):
-                    break
+            if index and delay and self._stopping.wait(delay):
+                break  # stop() interrupted a slow replay
             if self._deliver(raw, headers):
                 sent += 1
         return sent
@@ -698,7 +698,7 @@ class FakeFreeSwitch:
         return True
 
     def _reply(self, client: _Client, text: str, extra: str = "") -> None:
-        client.send(f"Content-Type: command/reply\nReply-Text: {text}\n{extra}\n".encode("utf-8"))
+        client.send(f"Content-Type: command/reply\nReply-Text: {text}\n{extra}\n".encode())
 
     def _cmd_event(self, client: _Client, arg: str) -> bool:
         tokens = arg.split()
@@ -739,7 +739,7 @@ class FakeFreeSwitch:
                     client.filters = [(h, v) for h, v in client.filters
                                       if not (h == header and (not value or v == value))]
                 client.send_locked(f"Content-Type: command/reply\nReply-Text: +OK filter deleted. "
-                                   f"[{header}]=[{value}]\n\n".encode("utf-8"))
+                                   f"[{header}]=[{value}]\n\n".encode())
             self._notify()
             return True
         if not header or not value:
@@ -748,7 +748,7 @@ class FakeFreeSwitch:
         with client.send_lock:
             client.filters.append((header, value))
             client.send_locked(f"Content-Type: command/reply\nReply-Text: +OK filter added. "
-                               f"[{header}]=[{value}]\n\n".encode("utf-8"))
+                               f"[{header}]=[{value}]\n\n".encode())
         self._notify()
         return True
 

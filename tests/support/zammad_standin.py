@@ -25,10 +25,10 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
 from urllib.parse import parse_qsl, urlsplit
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,15 @@ class CtiRequest:
     ``[]`` become lists under the bare key (``user[]=a&user[]=b`` →
     ``fields['user'] == ['a', 'b']``), a repeated plain key keeps its last
     value. ``status``/``body`` are what was answered (``status`` None: the
-    connection was closed without a response). ``outcome`` says why:
+    connection was closed without a response); they are recorded just before
+    the response is sent, so a client that has its response finds them set.
+    ``outcome`` says why:
     ``processed``, ``rejected`` (4xx/5xx from Zammad's logic), ``injected``
     (fail_next), ``down``, ``closed`` (close_without_response_next).
-    ``arrived``/``answered`` are time.monotonic() values.
+    ``arrived``/``answered`` are time.monotonic() values. ``client_gone``: the
+    client had closed its end before the answer (or the write failed);
+    ``processed_after_client_gone``: processed anyway (a timed-out client that
+    will retry something Zammad already stored).
     """
 
     method: str
@@ -73,16 +78,16 @@ class CtiRequest:
     fields: dict
     arrived: float
     conn_id: int
-    status: Optional[int] = None
+    status: int | None = None
     body: str = ""
     outcome: str = "pending"
     processed: bool = False
-    answered: Optional[float] = None
+    answered: float | None = None
     completed: bool = False
     client_gone: bool = False
     processed_after_client_gone: bool = False
 
-    def header(self, name: str) -> Optional[str]:
+    def header(self, name: str) -> str | None:
         """Case-insensitive request header lookup."""
         lower = name.lower()
         for key, value in self.headers.items():
@@ -96,15 +101,15 @@ class CtiRequest:
         return self.arrived
 
     @property
-    def event(self) -> Optional[str]:
+    def event(self) -> str | None:
         return self.fields.get("event")
 
     @property
-    def call_id(self) -> Optional[str]:
+    def call_id(self) -> str | None:
         return _call_id(self.fields)
 
 
-def _call_id(fields: dict) -> Optional[str]:
+def _call_id(fields: dict) -> str | None:
     for key in ("callId", "call_id", "CallId"):
         if fields.get(key) is not None:
             return str(fields[key])
@@ -128,7 +133,7 @@ def _rails_fields(pairs: list) -> dict:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    standin: "ZammadStandIn"
+    standin: ZammadStandIn
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -226,7 +231,7 @@ class ZammadStandIn:
     """
 
     def __init__(self, token: str = "secret-token", *, port: int = 0, disabled: bool = False,
-                 reject_callers: Optional[set] = None):
+                 reject_callers: set | None = None):
         self.token = token
         self.disabled = disabled
         self.reject_callers = set(reject_callers or ())
@@ -243,11 +248,11 @@ class ZammadStandIn:
         self._conns: dict = {}  # conn_id -> handler
         self._conn_threads: list = []
         self._conn_seq = 0
-        self._server: Optional[_Server] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "ZammadStandIn":
+    def start(self) -> ZammadStandIn:
         self._server = _Server(("127.0.0.1", self._requested_port), _Handler)
         self._server.standin = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -278,7 +283,7 @@ class ZammadStandIn:
         if alive:
             log.warning("zammad-standin: threads still running after stop(): %s", alive)
 
-    def __enter__(self) -> "ZammadStandIn":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -310,7 +315,7 @@ class ZammadStandIn:
         with self._cond:
             self._delay = float(seconds or 0)
 
-    def set_hang(self, seconds: Optional[float]) -> None:
+    def set_hang(self, seconds: float | None) -> None:
         """Requests arriving while set are held ``seconds``, then processed and answered
         anyway: a client that timed out meanwhile may still have been processed
         (see ``CtiRequest.processed_after_client_gone``). ``None``/0 clears it."""
@@ -442,9 +447,9 @@ class ZammadStandIn:
             return
         if fault:
             outcome, status, body, ctype = fault
-            if not handler.write_response(status, body, ctype):
-                req.client_gone = True
             self._finish(req, status, body, outcome, processed=False)
+            if not handler.write_response(status, body, ctype):
+                self._mark_gone(req)
             return
 
         if hold and self._stopping.wait(hold):
@@ -453,12 +458,9 @@ class ZammadStandIn:
             return
         gone = handler.client_gone()
         status, body, ctype, outcome = self._process(req)
+        self._finish(req, status, body, outcome, processed=outcome == "processed", gone=gone)
         if not handler.write_response(status, body, ctype):
-            gone = True
-        with self._cond:
-            req.client_gone = gone
-            req.processed_after_client_gone = gone and outcome == "processed"
-        self._finish(req, status, body, outcome, processed=outcome == "processed")
+            self._mark_gone(req)
 
     def _record(self, handler: _Handler, raw: bytes, arrived: float) -> CtiRequest:
         ctype = handler.headers.get("Content-Type") or ""
@@ -482,15 +484,25 @@ class ZammadStandIn:
             self._cond.notify_all()
         return req
 
-    def _finish(self, req: CtiRequest, status: Optional[int], body: str, outcome: str, *,
-                processed: bool) -> None:
+    def _finish(self, req: CtiRequest, status: int | None, body: str, outcome: str, *,
+                processed: bool, gone: bool = False) -> None:
+        """Record the answer *before* it is sent, so a client holding the response
+        always finds its request recorded as answered."""
         with self._cond:
+            req.client_gone = gone
+            req.processed_after_client_gone = gone and processed
             req.status = status
             req.body = body
             req.outcome = outcome
             req.processed = processed
             req.answered = time.monotonic()
             req.completed = True
+            self._cond.notify_all()
+
+    def _mark_gone(self, req: CtiRequest) -> None:
+        with self._cond:
+            req.client_gone = True
+            req.processed_after_client_gone = req.processed
             self._cond.notify_all()
 
     def _process(self, req: CtiRequest) -> tuple:
