@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -44,6 +45,9 @@ _PARENT_KEYS = ("variable_cc_member_session_uuid", "variable_originating_leg_uui
                 "variable_other_loopback_leg_uuid", "variable_other_loopback_from_uuid")
 
 DIRECTIONS = ("in", "out", "ignore")
+
+#: How many finished legs are remembered to ignore their late events.
+FINISHED_MEMORY = 20_000
 
 #: The channel events the tracker reads; the service subscribes to exactly these.
 TRACKED_EVENTS = ("CHANNEL_CREATE", "CHANNEL_EXECUTE", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
@@ -151,6 +155,9 @@ class CallTracker:
         self.rules = rules or TrackerRules()
         self.calls: dict[str, Call] = {}
         self._leg_call: dict[str, str] = {}
+        # Legs of calls already finished: a late event for one of them must
+        # not start a second Zammad call with the same id.
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self.dirty: set[str] = set()
         for call in calls:
             self._adopt(call)
@@ -164,6 +171,8 @@ class CallTracker:
             return []
         call = self._call_of(uuid)
         if call is None:
+            if uuid in self._finished:
+                return []
             call = self._new_leg(headers, now)
         leg = call.legs[uuid]
         is_root = uuid == call.call_id
@@ -182,26 +191,32 @@ class CallTracker:
             self._on_hangup(call, leg, headers, is_root)
         return self._owed(call)
 
-    def reconcile(self, live: Iterable[Headers], now: float) -> list[ZammadEvent]:
+    def reconcile(self, live: Iterable[Headers], now: float, known: Iterable[str] | None = None,
+                  skip: Iterable[str] = ()) -> list[ZammadEvent]:
         """Align with FreeSWITCH after a gap in the event stream.
 
         ``live`` is what ``show channels as json`` listed, as CHANNEL_CREATE
-        style headers (see :func:`channels_to_headers`). Legs we follow that
-        are gone ended unseen; channels we do not know started unseen.
+        style headers (see :func:`channels_to_headers`). Legs we followed
+        (of ``known``, the legs known when the list was asked for) that are
+        not live ended unseen; live channels we never heard of started
+        unseen. Legs in ``skip`` had events since the list was asked for:
+        those events are the truth.
         """
         live = list(live)
         live_ids = {h.get("Unique-ID", "") for h in live}
+        known = self.leg_ids() if known is None else set(known)
+        skip = set(skip)
         events: list[ZammadEvent] = []
         for call in list(self.calls.values()):
             for leg in call.legs.values():
-                if not leg.ended and leg.uuid not in live_ids:
+                if (not leg.ended and leg.uuid in known and leg.uuid not in live_ids
+                        and leg.uuid not in skip):
                     leg.ended = True
                     call.lost_end = True
-            self.dirty.add(call.call_id)
             events += self._owed(call)
         for headers in live:
             uuid = headers.get("Unique-ID", "")
-            if not uuid or self._call_of(uuid) is not None:
+            if not uuid or uuid in skip or uuid in self._finished or self._call_of(uuid):
                 continue
             events += self.handle({**headers, "Event-Name": "CHANNEL_CREATE"}, now)
             call = self._call_of(uuid)
@@ -213,6 +228,9 @@ class CallTracker:
             else:
                 events += self._owed(call)
         return events
+
+    def leg_ids(self) -> set[str]:
+        return set(self._leg_call)
 
     def expire(self, now: float) -> list[ZammadEvent]:
         """End calls older than ``max_call_seconds`` (their hangup was lost)."""
@@ -414,6 +432,9 @@ class CallTracker:
         for uuid in call.legs:
             if self._leg_call.get(uuid) == call.call_id:
                 del self._leg_call[uuid]
+            self._finished[uuid] = None
+        while len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
 
     def _number(self, number: str) -> str:
         return to_e164(number, self.rules.country_code, self.rules.national_prefix)

@@ -91,6 +91,8 @@ class Delivery:
             self._pool.spawn(self._send, row)
         if rows:
             return 0.0 if len(rows) == free else 1.0
+        if not self._inflight:
+            self.outbox.recount()
         due = self.outbox.next_due()
         return 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
 
@@ -138,8 +140,9 @@ class Delivery:
             self.outbox.attempted(row.id, f"HTTP {outcome.status}: {outcome.detail}")
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                log.warning("Zammad unreachable: %s; events wait in the outbox and are retried "
-                            "with backoff", outcome.detail or f"HTTP {outcome.status}")
+                log.warning("Zammad unreachable: %s%s; events wait in the outbox and are retried "
+                            "with backoff", f"HTTP {outcome.status}: " if outcome.status else "",
+                            outcome.detail)
             self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
             self._down_failures += 1
         self.on_sent(row, outcome)

@@ -59,6 +59,16 @@ class ParsedEvent:
         self.headers = headers
 
 
+class _InOrder:
+    """A function queued behind the events already read (see call_in_order)."""
+
+    __slots__ = ("headers", "function")
+
+    def __init__(self, function):
+        self.headers = {"Event-Name": "FS_ZAMMAD_IN_ORDER"}
+        self.function = function
+
+
 class _Connection(InboundESL):
     """greenswitch's InboundESL with a reader that cannot hang or spin."""
 
@@ -142,17 +152,22 @@ class _Connection(InboundESL):
         return length
 
     def close(self) -> None:
-        """Tear down without greenswitch's stop(), which can block forever."""
+        """Tear down without greenswitch's stop(), which can block forever.
+
+        The reader greenlet is killed before the socket file is closed:
+        closing a buffered file another greenlet is reading raises.
+        """
         self._run = False
         self.connected = False
+        current = gevent.getcurrent()
         for greenlet in (self._receive_events_greenlet, self._process_events_greenlet):
-            if greenlet is not None:
-                greenlet.kill(block=False)
-        for closable in (getattr(self, "sock_file", None), getattr(self, "sock", None)):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=True, timeout=1)
+        for closable in (getattr(self, "sock", None), getattr(self, "sock_file", None)):
             if closable is not None:
                 try:
                     closable.close()
-                except OSError:
+                except (OSError, RuntimeError):
                     pass
 
 
@@ -229,9 +244,18 @@ class EslSupervisor:
             raise EslError("connection lost during an api command") from None
         return getattr(reply, "data", "") or ""
 
+    def call_in_order(self, function) -> None:
+        """Run ``function`` in the event greenlet once every event read so far is handled."""
+        conn = self._conn
+        if conn is not None:
+            conn._esl_event_queue.put(_InOrder(function))
+
     def _dispatch(self, event) -> None:
         self._last_seen = time.monotonic()
         try:
+            if isinstance(event, _InOrder):
+                event.function()
+                return
             self.on_event(event.headers)
         except Exception as exc:  # never let one event stop the stream
             log.error("could not process %s for %s: %s: %s",
@@ -305,7 +329,7 @@ class EslSupervisor:
                 event = conn._esl_event_queue.get_nowait()
             except Empty:
                 return
-            if isinstance(event, ParsedEvent):
+            if isinstance(event, (ParsedEvent, _InOrder)):
                 self._dispatch(event)
 
     def _sleep(self, seconds: float) -> None:

@@ -68,9 +68,14 @@ class Outbox:
         # loss can take the last moments with it.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self.refused = 0
+        self.recount()
+
+    def recount(self) -> int:
+        """Re-read the pending count (``outbox retry`` may run in another process)."""
         self.pending = self.db.execute(
             "SELECT count(*) FROM outbox WHERE state='pending'").fetchone()[0]
-        self.refused = 0
+        return self.pending
 
     def close(self) -> None:
         self.db.close()

@@ -69,6 +69,7 @@ class Service:
             settings.freeswitch_timeout, settings.freeswitch_liveness,
             settings.freeswitch_reconnect_max, on_event=self.on_event,
             on_connected=self.on_connected, on_state=metrics.ESL_CONNECTED.set)
+        self._resync_seen: set | None = None  # uuids seen while a resync is under way
         self.stop_requested = Event()
         self.started = time.monotonic()
         metrics.bind(self)
@@ -80,18 +81,34 @@ class Service:
         metrics.EVENTS_RECEIVED.labels(name).inc()
         if name == "HEARTBEAT":
             return
+        if self._resync_seen is not None:
+            self._resync_seen.add(headers.get("Unique-ID", ""))
         self._store(self.tracker.handle(headers, time.time()))
 
     def on_connected(self, supervisor: EslSupervisor) -> None:
-        """After every (re)connect: learn which calls are up, settle the gap."""
+        """After every (re)connect: learn which calls are up, settle the gap.
+
+        The channel list is a snapshot taken while events keep coming, so
+        the comparison runs in the event greenlet, behind every event read
+        before the answer, and leaves alone the legs that showed up in
+        events meanwhile (their events tell their story).
+        """
+        known = self.tracker.leg_ids()
+        self._resync_seen = set()
         try:
             body = supervisor.api("show channels as json")
             rows = json.loads(body or "{}").get("rows") or []
-        except (EslError, ValueError) as exc:
+        except (EslError, ValueError, AttributeError) as exc:
+            self._resync_seen = None
             log.warning("could not list FreeSWITCH's channels after connecting (%s); calls "
                         "that ended while disconnected end at MAX_CALL_SECONDS", exc)
             return
-        events = self.tracker.reconcile(channels_to_headers(rows), time.time())
+        supervisor.call_in_order(lambda: self._resync(rows, known))
+
+    def _resync(self, rows, known) -> None:
+        seen, self._resync_seen = self._resync_seen or set(), None
+        events = self.tracker.reconcile(channels_to_headers(rows), time.time(),
+                                        known=known, skip=seen)
         if events or self.tracker.calls:
             log.info("resync: %d channels up, %d calls followed, %d events from the gap",
                      len(rows), len(self.tracker.calls), len(events))

@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from fs_zammad.causes import (CAUSE_TABLE, ZAMMAD_CAUSES, CallEnd, CauseMapper, call_cause,
-                              cause_to_zammad, parse_cause_map)
+from fs_zammad.causes import (
+    CAUSE_TABLE,
+    ZAMMAD_CAUSES,
+    CallEnd,
+    CauseMapper,
+    call_cause,
+    cause_to_zammad,
+    parse_cause_map,
+)
 
 TSV = Path(__file__).parent / "fixtures" / "freeswitch-hangup-causes.tsv"
 

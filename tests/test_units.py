@@ -7,7 +7,7 @@ import pytest
 from fs_zammad.config import VARIABLES, ConfigError, load_settings, redact_url
 from fs_zammad.numbers import to_e164
 from fs_zammad.wire import FrameError, iter_capture, parse_event_plain
-from fs_zammad.zammad import (DELIVERED, FAILED, RETRY, ZAMMAD_DOWN, classify, error_text)
+from fs_zammad.zammad import DELIVERED, FAILED, RETRY, ZAMMAD_DOWN, classify, error_text
 
 ROOT = Path(__file__).parent.parent
 
