@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import OrderedDict
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -31,6 +33,8 @@ from fs_zammad.causes import CallEnd, call_cause, cause_to_zammad
 from fs_zammad.numbers import to_e164
 
 Headers = Mapping[str, str]
+
+log = logging.getLogger(__name__)
 
 #: Dialplan applications that prepare a call rather than route it: newCall
 #: waits until the first other application, so that ``set zammad_queue=...``
@@ -65,6 +69,8 @@ class TrackerRules:
     queue_keep_domain: bool = False
     max_call_seconds: float = 4 * 3600
     cause_mapper: object = cause_to_zammad
+    instances: frozenset[str] = frozenset({""})  # Zammad systems; "" = ZAMMAD_CTI_URL
+    routes: tuple[tuple[str, str, str], ...] = ()  # (did|domain, glob, instance)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class ZammadEvent:
 
     call_id: str
     fields: tuple[tuple[str, str], ...]
+    instance: str = ""  # which Zammad system (ZAMMAD_INSTANCES); "" = ZAMMAD_CTI_URL
 
     @property
     def name(self) -> str:
@@ -114,6 +121,9 @@ class Call:
     root_end: dict = field(default_factory=dict)
     other_causes: list = field(default_factory=list)
     lost_end: bool = False       # some leg ended unseen (reconnect gap, expiry)
+    domain: str = ""             # variable_domain_name (multi-tenant PBXs)
+    company_number: str = ""     # caller id the outside leg presents (out calls)
+    instance: str | None = None  # zammad_instance, or chosen by the routes at newCall
     legs: dict = field(default_factory=dict)  # uuid -> Leg
     sent: list = field(default_factory=list)  # names of the Zammad events emitted
 
@@ -312,6 +322,7 @@ class CallTracker:
         elif not call.direction:
             call.direction = "out"         # a local user reaching outside
             call.out_to = _h(h, "Caller-Destination-Number")
+            call.company_number = _h(h, "Caller-Caller-ID-Number")
 
     def _move_leg(self, uuid: str, to: Call, h: Headers) -> None:
         """Pickup / attended transfer: a leg of an undecided call joins ``to``."""
@@ -340,6 +351,9 @@ class CallTracker:
         queue = _h(h, "variable_zammad_queue", "variable_cc_queue")
         if queue and not call.sent:
             call.queue = queue
+        if not call.sent:
+            call.domain = _h(h, "variable_domain_name") or call.domain
+            call.instance = _h(h, "variable_zammad_instance") or call.instance
 
     def _on_execute(self, call: Call, h: Headers) -> None:
         app = h.get("Application", "")
@@ -414,7 +428,10 @@ class CallTracker:
         events = []
         ended = call.ended
         if "newCall" not in call.sent:
-            if call.direction not in ("in", "out") or not (call.routed or ended):
+            if call.direction in ("in", "out") and (call.routed or ended):
+                call.instance = self._route(call)
+            if call.direction not in ("in", "out") or not (call.routed or ended) \
+                    or call.instance is None:
                 if ended:
                     self._forget(call)      # internal or ignored: Zammad never hears of it
                 return events
@@ -426,6 +443,25 @@ class CallTracker:
             events.append(self._event(call, "hangup"))
             self._forget(call)
         return events
+
+    def _route(self, call: Call) -> str | None:
+        """Which Zammad system gets this call; None: none (not sent)."""
+        rules = self.rules
+        if call.instance is not None and call.instance in rules.instances:
+            return call.instance
+        if call.instance:
+            log.warning("call %s: zammad_instance=%s is not in ZAMMAD_INSTANCES; using the "
+                        "routes", call.call_id, call.instance)
+        number = call.dialed if call.direction == "in" else call.company_number
+        for kind, pattern, instance in rules.routes:
+            value = number if kind == "did" else call.domain
+            if value and fnmatchcase(value, pattern):
+                return instance
+        if "" in rules.instances:
+            return ""
+        log.info("call %s (%s, domain %s) matches no ZAMMAD_ROUTES and ZAMMAD_CTI_URL is not "
+                 "set: not sent", call.call_id, number or "-", call.domain or "-")
+        return None
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.call_id, None)
@@ -463,7 +499,7 @@ class CallTracker:
             fields.append(("cause", self._cause(call)))
         if queue:
             fields.append(("queue", queue))
-        return ZammadEvent(call.call_id, tuple(fields))
+        return ZammadEvent(call.call_id, tuple(fields), call.instance or "")
 
     def _cause(self, call: Call) -> str:
         end = call.root_end

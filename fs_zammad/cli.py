@@ -211,8 +211,9 @@ def outbox_command(settings, action: str, call_id: str | None) -> int:
         rows = outbox.failed_rows()
         counts = outbox.counts()
         print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside")
-        for row_id, call, event, attempts, error, _created in rows:
-            print(f"{row_id}\t{call}\t{event}\tattempts={attempts}\t{error}")
+        for row_id, call, instance, event, attempts, error, _created in rows:
+            print(f"{row_id}\t{call}\t{instance or 'default'}\t{event}\tattempts={attempts}\t"
+                  f"{error}")
     else:
         count = outbox.retry_failed(call_id)
         print(f"{count} events put back in line; the running service sends them within seconds")

@@ -35,6 +35,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("ZAMMAD_CTI_URL", "", "https://zammad.example.com/api/v1/cti/<token>; unset = dry run "
                            "(log what would be sent)"),
     ("ZAMMAD_CTI_URL_FILE", "", "file holding ZAMMAD_CTI_URL (keeps the token out of the env)"),
+    ("ZAMMAD_INSTANCES", "", "names of further Zammad systems (tenants), e.g. acme,globex; each "
+                             "needs ZAMMAD_CTI_URL_<NAME> (or ZAMMAD_CTI_URL_<NAME>_FILE)"),
+    ("ZAMMAD_ROUTES", "", "which calls go to which instance: did:<glob>=<name>, "
+                          "domain:<glob>=<name>, comma-separated, first match wins; the channel "
+                          "variable zammad_instance overrides; unmatched calls go to "
+                          "ZAMMAD_CTI_URL (if unset: not sent)"),
     ("ZAMMAD_TIMEOUT", "10", "seconds to wait for Zammad's answer to one request"),
     ("ZAMMAD_CA_BUNDLE", "", "CA bundle file for Zammad's TLS certificate (default: system CAs)"),
     ("ZAMMAD_TLS_VERIFY", "true", "verify Zammad's TLS certificate (true/false)"),
@@ -85,6 +91,8 @@ class Settings:
     freeswitch_liveness: float
     freeswitch_reconnect_max: float
     zammad_url: str = dataclasses.field(repr=False)
+    instances: Mapping[str, str] = dataclasses.field(repr=False)  # name -> CTI URL; "" = default
+    routes: tuple[tuple[str, str, str], ...]  # (did|domain, glob, instance name)
     zammad_timeout: float
     zammad_verify: bool | str
     zammad_concurrency: int
@@ -108,7 +116,7 @@ class Settings:
 
     @property
     def dry_run(self) -> bool:
-        return not self.zammad_url
+        return not self.instances
 
     @property
     def zammad_url_redacted(self) -> str:
@@ -117,8 +125,8 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be logged (the log filter masks them)."""
-        token = urlsplit(self.zammad_url).path.rstrip("/").rpartition("/")[2] if self.zammad_url else ""
-        return tuple(s for s in (self.freeswitch_password, token) if len(s) >= 3)
+        tokens = [url.rstrip("/").rpartition("/")[2] for url in self.instances.values()]
+        return tuple(s for s in (self.freeswitch_password, *tokens) if len(s) >= 3)
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str:
@@ -165,18 +173,53 @@ def _words(env, name) -> frozenset[str]:
     return frozenset(w.strip() for w in env.get(name, DEFAULTS[name]).split(",") if w.strip())
 
 
-def _zammad_url(env) -> str:
-    url = _read_secret(env, "ZAMMAD_CTI_URL")
+def _zammad_url(env, name: str = "ZAMMAD_CTI_URL") -> str:
+    path = env.get(f"{name}_FILE", "").strip()
+    url = Path(path).read_text(encoding="utf-8").strip() if path and Path(path).is_file() \
+        else env.get(name, "").strip()
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{name}_FILE: cannot read {path}")
     if not url:
         return ""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"ZAMMAD_CTI_URL={redact_url(url) or '***'!s} must be an http(s) URL like "
+        raise ConfigError(f"{name}={redact_url(url) or '***'!s} must be an http(s) URL like "
                           "https://zammad.example.com/api/v1/cti/<token>")
     if "/api/v1/cti/" not in parts.path or not parts.path.rstrip("/").rpartition("/")[2]:
-        raise ConfigError(f"ZAMMAD_CTI_URL={redact_url(url)} must end in /api/v1/cti/<token> "
+        raise ConfigError(f"{name}={redact_url(url)} must end in /api/v1/cti/<token> "
                           "(copy it from Zammad: Admin > Integrations > CTI (generic))")
     return url
+
+
+def _instances(env, default_url: str) -> dict[str, str]:
+    instances = {"": default_url} if default_url else {}
+    for name in _words(env, "ZAMMAD_INSTANCES"):
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"ZAMMAD_INSTANCES: {name!r} must be letters, digits, - or _")
+        var = "ZAMMAD_CTI_URL_" + name.upper().replace("-", "_")
+        url = _zammad_url(env, var)
+        if not url:
+            raise ConfigError(f"ZAMMAD_INSTANCES names {name!r} but {var} is not set")
+        instances[name] = url
+    return instances
+
+
+def _routes(env, instances) -> tuple[tuple[str, str, str], ...]:
+    routes = []
+    for rule in env.get("ZAMMAD_ROUTES", "").split(","):
+        rule = rule.strip()
+        if not rule:
+            continue
+        match, sep, name = rule.rpartition("=")
+        kind, colon, pattern = match.partition(":")
+        if not sep or not colon or kind not in ("did", "domain") or not pattern:
+            raise ConfigError(f"ZAMMAD_ROUTES: {rule!r} is not did:<glob>=<instance> or "
+                              "domain:<glob>=<instance>")
+        if name not in instances:
+            raise ConfigError(f"ZAMMAD_ROUTES: {rule!r} names {name!r}, which is not in "
+                              "ZAMMAD_INSTANCES")
+        routes.append((kind, pattern, name))
+    return tuple(routes)
 
 
 def _state_dir(env) -> Path:
@@ -209,6 +252,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     verify: bool | str = ca_bundle or _bool(env, "ZAMMAD_TLS_VERIFY")
     metrics_raw = env.get("METRICS_PORT", "").strip()
     url = _zammad_url(env)
+    instances = _instances(env, url)
     return Settings(
         freeswitch_host=host,
         freeswitch_port=_number(env, "FREESWITCH_PORT", int, 1, 65535),
@@ -217,6 +261,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         freeswitch_liveness=_number(env, "FREESWITCH_LIVENESS", float, 1, 3600),
         freeswitch_reconnect_max=_number(env, "FREESWITCH_RECONNECT_MAX", float, 0.1, 3600),
         zammad_url=url,
+        instances=instances,
+        routes=_routes(env, instances),
         zammad_timeout=_number(env, "ZAMMAD_TIMEOUT", float, 0.1, 600),
         zammad_verify=verify,
         zammad_concurrency=_number(env, "ZAMMAD_CONCURRENCY", int, 1, 256),

@@ -42,8 +42,9 @@ def backoff(attempt: int, cap: float, base: float = 0.5, rng=random.random) -> f
 
 class Delivery:
     def __init__(self, outbox: Outbox, client, concurrency: int = 8, retry_max: float = 60.0,
-                 on_sent=None, on_action=None):
+                 on_sent=None, on_action=None, instance: str = ""):
         self.outbox = outbox
+        self.instance = instance  # the outbox rows this delivery sends (one per Zammad)
         self.client = client
         self.concurrency = concurrency
         self.retry_max = retry_max
@@ -59,12 +60,16 @@ class Delivery:
         self._reported: set[str] = set()
         self.last_failure = ""
 
+    @property
+    def _name(self) -> str:
+        return f" ({self.instance})" if self.instance else ""
+
     def wake(self) -> None:
         self._wake.set()
 
     @property
     def idle(self) -> bool:
-        return not self._inflight and self.outbox.pending == 0
+        return not self._inflight and self.outbox.pending_for(self.instance) == 0
 
     def run(self) -> None:
         while not self._stopping:
@@ -83,9 +88,8 @@ class Delivery:
             free = min(free, 1 - len(self._inflight))  # one probe while Zammad is down
         if free <= 0:
             return 1.0
-        busy_calls = {row.call_id for row in self._inflight.values()}
-        rows = [row for row in self.outbox.ready(free + len(busy_calls), self._inflight)
-                if row.call_id not in busy_calls][:free]
+        # In-flight rows are skipped; the rest of their calls wait behind them.
+        rows = self.outbox.ready(free, self._inflight, instance=self.instance)
         for row in rows:
             self._inflight[row.id] = row
             self._pool.spawn(self._send, row)
@@ -93,7 +97,7 @@ class Delivery:
             return 0.0 if len(rows) == free else 1.0
         if not self._inflight:
             self.outbox.recount()
-        due = self.outbox.next_due()
+        due = self.outbox.next_due(self.instance)
         return 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
 
     def _send(self, row: Row) -> None:
@@ -124,8 +128,9 @@ class Delivery:
         if kind == zammad.DELIVERED:
             self.outbox.delivered(row.id)
             if self.down_since is not None:
-                log.info("Zammad answers again after %.0f s; sending the backlog (%d events)",
-                         time.monotonic() - self.down_since, self.outbox.pending)
+                log.info("Zammad%s answers again after %.0f s; sending the backlog (%d events)",
+                         self._name, time.monotonic() - self.down_since,
+                         self.outbox.pending_for(self.instance))
             self.down_since, self._down_failures, self._paused_until = None, 0, 0.0
             if outcome.action:
                 self.on_action(row, outcome.action)
@@ -140,9 +145,9 @@ class Delivery:
             self.outbox.attempted(row.id, f"HTTP {outcome.status}: {outcome.detail}")
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                log.warning("Zammad unreachable: %s%s; events wait in the outbox and are retried "
-                            "with backoff", f"HTTP {outcome.status}: " if outcome.status else "",
-                            outcome.detail)
+                log.warning("Zammad%s unreachable: %s%s; events wait in the outbox and are "
+                            "retried with backoff", self._name,
+                            f"HTTP {outcome.status}: " if outcome.status else "", outcome.detail)
             self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
             self._down_failures += 1
         self.on_sent(row, outcome)
@@ -156,8 +161,8 @@ class Delivery:
                 "'fs-zammad outbox retry' sends it again")
         level = logging.ERROR if key not in self._reported else logging.DEBUG
         self._reported.add(key)
-        log.log(level, "Zammad refused %s for call %s (HTTP %s: %s); set aside: %s",
-                row.event, row.call_id, outcome.status or "-", why, hint)
+        log.log(level, "Zammad%s refused %s for call %s (HTTP %s: %s); set aside: %s",
+                self._name, row.event, row.call_id, outcome.status or "-", why, hint)
 
     def drain(self, deadline: float) -> bool:
         """Keep sending until the outbox is empty or the deadline; True if empty."""

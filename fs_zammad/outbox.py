@@ -24,6 +24,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     call_id TEXT NOT NULL,
+    instance TEXT NOT NULL DEFAULT '',
     event TEXT NOT NULL,
     fields TEXT NOT NULL,
     created REAL NOT NULL,
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_by_call ON outbox (call_id, id);
+CREATE INDEX IF NOT EXISTS outbox_by_instance ON outbox (instance, state, id);
 CREATE TABLE IF NOT EXISTS calls (
     call_id TEXT PRIMARY KEY,
     state TEXT NOT NULL
@@ -100,9 +102,9 @@ class Outbox:
                 held = db.execute("SELECT 1 FROM outbox WHERE call_id=? AND state='failed' LIMIT 1",
                                   (event.call_id,)).fetchone()
                 db.execute(
-                    "INSERT INTO outbox (call_id, event, fields, created, state, last_error) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (event.call_id, event.name, json.dumps(event.fields), now,
+                    "INSERT INTO outbox (call_id, instance, event, fields, created, state, "
+                    "last_error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (event.call_id, event.instance, event.name, json.dumps(event.fields), now,
                      "failed" if held else "pending", HELD if held else None))
                 if not held:
                     self.pending += 1
@@ -145,22 +147,28 @@ class Outbox:
 
     # -- reading --------------------------------------------------------
 
-    def ready(self, limit: int, skip_ids: Iterable[int] = (), now: float | None = None) -> list[Row]:
+    def ready(self, limit: int, skip_ids: Iterable[int] = (), now: float | None = None,
+              instance: str = "") -> list[Row]:
         """Oldest events that may be sent now: the first pending event of each call."""
         now = time.time() if now is None else now
         skip = set(skip_ids)
         rows = self.db.execute(
             "SELECT id, call_id, event, fields, created, attempts FROM outbox AS o "
-            "WHERE state='pending' AND next_at<=? AND NOT EXISTS ("
+            "WHERE instance=? AND state='pending' AND next_at<=? AND NOT EXISTS ("
             "  SELECT 1 FROM outbox AS p WHERE p.call_id=o.call_id AND p.id<o.id"
             "  AND p.state='pending') "
-            "ORDER BY id LIMIT ?", (now, limit + len(skip))).fetchall()
+            "ORDER BY id LIMIT ?", (instance, now, limit + len(skip))).fetchall()
         return [Row(r[0], r[1], r[2], tuple(tuple(p) for p in json.loads(r[3])), r[4], r[5])
                 for r in rows if r[0] not in skip][:limit]
 
-    def next_due(self) -> float | None:
-        row = self.db.execute("SELECT min(next_at) FROM outbox WHERE state='pending'").fetchone()
+    def next_due(self, instance: str = "") -> float | None:
+        row = self.db.execute("SELECT min(next_at) FROM outbox WHERE instance=? AND "
+                              "state='pending'", (instance,)).fetchone()
         return row[0]
+
+    def pending_for(self, instance: str) -> int:
+        return self.db.execute("SELECT count(*) FROM outbox WHERE instance=? AND state='pending'",
+                               (instance,)).fetchone()[0]
 
     def oldest_pending_age(self, now: float | None = None) -> float:
         now = time.time() if now is None else now
@@ -168,7 +176,7 @@ class Outbox:
         return max(0.0, now - row[0]) if row[0] is not None else 0.0
 
     def failed_rows(self) -> list[tuple]:
-        return self.db.execute("SELECT id, call_id, event, attempts, last_error, created "
+        return self.db.execute("SELECT id, call_id, instance, event, attempts, last_error, created "
                                "FROM outbox WHERE state='failed' ORDER BY id").fetchall()
 
     def counts(self) -> dict[str, int]:

@@ -42,6 +42,9 @@ def tracker_rules(settings: Settings) -> TrackerRules:
         queue_keep_domain=settings.queue_keep_domain,
         max_call_seconds=settings.max_call_seconds,
         cause_mapper=CauseMapper(settings.cause_overrides),
+        # The dry run logs every call as if sent to ZAMMAD_CTI_URL.
+        instances=frozenset(settings.instances) or frozenset({""}),
+        routes=settings.routes,
     )
 
 
@@ -56,14 +59,17 @@ class Service:
         self.outbox = Outbox(outbox_path(settings), settings.outbox_max_events)
         calls = [Call.from_json(text) for text in self.outbox.load_calls()]
         self.tracker = CallTracker(tracker_rules(settings), calls)
-        if settings.dry_run:
-            self.client = DryRunClient()
-        else:
-            self.client = ZammadClient(settings.zammad_url, settings.zammad_timeout,
-                                       settings.zammad_verify, pool_size=settings.zammad_concurrency)
-        self.delivery = Delivery(self.outbox, self.client, settings.zammad_concurrency,
-                                 settings.zammad_retry_max, on_sent=self._log_sent,
-                                 on_action=self._on_action)
+        # One client and one delivery per Zammad system, each with its own
+        # queue in the outbox: one tenant's outage never delays another's calls.
+        clients = {"": DryRunClient()} if settings.dry_run else {
+            name: ZammadClient(url, settings.zammad_timeout, settings.zammad_verify,
+                               pool_size=settings.zammad_concurrency)
+            for name, url in settings.instances.items()}
+        self.deliveries = {
+            name: Delivery(self.outbox, client, settings.zammad_concurrency,
+                           settings.zammad_retry_max, on_sent=self._log_sent,
+                           on_action=self._on_action, instance=name)
+            for name, client in clients.items()}
         self.esl = EslSupervisor(
             settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
             settings.freeswitch_timeout, settings.freeswitch_liveness,
@@ -129,11 +135,12 @@ class Service:
         refused = self.outbox.record(events, upserts, deletes)
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
-            log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped; "
-                      "Zammad has been failing since %s", self.outbox.max_events, refused,
-                      "a while" if self.delivery.down_since else "(not down)")
-        if events:
-            self.delivery.wake()
+            log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped "
+                      "(Zammad down? see the warnings above)", self.outbox.max_events, refused)
+        for instance in {event.instance for event in events}:
+            delivery = self.deliveries.get(instance)
+            if delivery is not None:
+                delivery.wake()
 
     # -- delivery callbacks -------------------------------------------------------
 
@@ -178,16 +185,17 @@ class Service:
 
     def run(self) -> int:
         settings = self.settings
+        targets = ", ".join(f"{name or 'default'}={delivery.client.redacted_url}"
+                            for name, delivery in self.deliveries.items())
         log.info("fs-zammad starting: FreeSWITCH %s:%s -> Zammad %s; outbox %s (%d pending, %d "
                  "calls in progress)", settings.freeswitch_host, settings.freeswitch_port,
-                 self.client.redacted_url, self.outbox.path, self.outbox.pending,
-                 len(self.tracker.calls))
+                 targets, self.outbox.path, self.outbox.pending, len(self.tracker.calls))
         if settings.dry_run:
             log.warning("ZAMMAD_CTI_URL is not set: dry run, events are logged, not sent")
         gevent.signal_handler(signal.SIGTERM, self.stop_requested.set)
         gevent.signal_handler(signal.SIGINT, self.stop_requested.set)
-        workers = [gevent.spawn(self.esl.run), gevent.spawn(self.delivery.run),
-                   gevent.spawn(self._expire_loop)]
+        workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop)]
+        workers += [gevent.spawn(delivery.run) for delivery in self.deliveries.values()]
         server = metrics.serve(self) if settings.metrics_port else None
         self.stop_requested.wait()
         self._shutdown(workers, server)
@@ -198,13 +206,16 @@ class Service:
         log.info("stopping: no more events from FreeSWITCH; sending what is queued (up to "
                  "%.0f s)", self.settings.shutdown_timeout)
         self.esl.stop()                      # 1. stop accepting
-        drained = self.delivery.drain(deadline)  # 2. drain until the deadline
-        self.delivery.stop(deadline)         # 3. then cut the rest: it stays in the outbox
+        drained = all([delivery.drain(deadline)  # 2. drain until the deadline (all keep sending)
+                       for delivery in self.deliveries.values()])
+        for delivery in self.deliveries.values():
+            delivery.stop(deadline)          # 3. then cut the rest: it stays in the outbox
         if server is not None:
             server.stop(timeout=1)
         gevent.killall(workers, timeout=2)
-        pending = self.outbox.pending
-        self.client.close()
+        pending = self.outbox.recount()
+        for delivery in self.deliveries.values():
+            delivery.client.close()
         self.outbox.close()
         log.info("stopped%s; %d events kept in the outbox for the next start",
                  "" if drained else " before the queue was empty", pending)
