@@ -247,3 +247,20 @@ def test_dry_run_logs_what_would_be_sent(fake_fs):
         assert "dry run" in service.log
     finally:
         assert service.stop() == 0
+
+
+def test_half_dead_connection_is_noticed_and_rebuilt(start_service, fake_fs, zammad):
+    """FreeSWITCH keeps the socket open but sends nothing and answers nothing."""
+    service = start_service(FREESWITCH_LIVENESS="2", FREESWITCH_TIMEOUT="1")
+    before = fake_fs.connections_total
+    fake_fs.set_frozen(True)
+    service.wait_for_log("lost FreeSWITCH.*(liveness probe failed|no event for)", timeout=15)
+    fake_fs.set_frozen(False)
+    fake_fs.wait_for_subscription(after=before, timeout=15)
+    sentinel_call(fake_fs, zammad)
+
+
+def test_silent_freeswitch_times_out_instead_of_hanging(start_service, fake_fs):
+    fake_fs.silent = True
+    service = start_service(wait=False, FREESWITCH_TIMEOUT="0.5")
+    service.wait_for_log("did not ask for a password within 0.5 s", count=2)
