@@ -25,8 +25,8 @@ import dataclasses
 import json
 import logging
 from collections import OrderedDict
-from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Iterable, Mapping
 
 from fs_zammad.causes import CallEnd, call_cause, cause_to_zammad
@@ -124,6 +124,7 @@ class Call:
     domain: str = ""             # variable_domain_name (multi-tenant PBXs)
     company_number: str = ""     # caller id the outside leg presents (out calls)
     instance: str | None = None  # zammad_instance, or chosen by the routes at newCall
+    root_seen: bool = True       # False while only B-legs of this call have been seen
     legs: dict = field(default_factory=dict)  # uuid -> Leg
     sent: list = field(default_factory=list)  # names of the Zammad events emitted
 
@@ -186,6 +187,8 @@ class CallTracker:
             call = self._new_leg(headers, now)
         leg = call.legs[uuid]
         is_root = uuid == call.call_id
+        if is_root and not call.root_seen:
+            self._take_root(call, headers)
         self._read_variables(call, headers)
 
         if name == "CHANNEL_EXECUTE" and is_root:
@@ -280,28 +283,46 @@ class CallTracker:
                            "Caller-Callee-ID-Number")
         else:
             leg.party = _h(h, "variable_user_name", "Caller-Caller-ID-Number")
+        if parent is None and outbound:
+            parent = self._placeholder(h, now)
         if parent is not None:
             parent.legs[uuid] = leg
             self._leg_call[uuid] = parent.call_id
             self._leg_joined(parent, leg, h)
             self.dirty.add(parent.call_id)
             return parent
-        context = h.get("Caller-Context", "")
-        call = Call(
-            call_id=uuid, started=now,
-            root_external=context in self.rules.external_contexts,
-            # Pickup and transfers rewrite the caller id later: keep the first one.
-            caller=_h(h, "Caller-Orig-Caller-ID-Number", "Caller-Caller-ID-Number"),
-            dialed=_h(h, "variable_sip_req_user", "Caller-Destination-Number")
-            if h.get("Event-Name") != "CHANNEL_CREATE" else _h(h, "Caller-Destination-Number"),
-            local_user=_h(h, "variable_user_name") or
-            (_h(h, "Caller-Destination-Number") if outbound else _h(h, "Caller-Caller-ID-Number")),
-            legs={uuid: leg},
-        )
-        if call.root_external:
-            call.direction = "in"
+        call = Call(call_id=uuid, started=now, root_external=False, caller="", dialed="",
+                    local_user="", legs={uuid: leg})
+        self._take_root(call, h)
         self._adopt(call)
         self.dirty.add(uuid)
+        return call
+
+    def _take_root(self, call: Call, h: Headers) -> None:
+        """The leg that entered FreeSWITCH decides who called whom."""
+        outbound = h.get("Call-Direction") == "outbound"
+        call.root_seen = True
+        call.root_external = h.get("Caller-Context", "") in self.rules.external_contexts
+        # Pickup and transfers rewrite the caller id later: keep the first one.
+        call.caller = _h(h, "Caller-Orig-Caller-ID-Number", "Caller-Caller-ID-Number")
+        call.dialed = _h(h, "Caller-Destination-Number") if h.get("Event-Name") == \
+            "CHANNEL_CREATE" else _h(h, "variable_sip_req_user", "Caller-Destination-Number")
+        call.local_user = _h(h, "variable_user_name") or _h(
+            h, "Caller-Destination-Number" if outbound else "Caller-Caller-ID-Number")
+        if call.root_external and not call.direction:
+            call.direction = "in"
+
+    def _placeholder(self, h: Headers, now: float) -> Call | None:
+        """A B-leg whose A-leg has not been seen yet (events can overtake each other)."""
+        parent_uuid = next((_h(h, key) for key in _PARENT_KEYS + ("Other-Leg-Unique-ID",)
+                            if _h(h, key)), "")
+        if not parent_uuid or parent_uuid in self._finished:
+            return None
+        call = Call(call_id=parent_uuid, started=now,
+                    root_external=h.get("Caller-Context", "") in self.rules.external_contexts,
+                    caller="", dialed="", local_user="", root_seen=False,
+                    legs={parent_uuid: Leg(uuid=parent_uuid)})
+        self._adopt(call)
         return call
 
     def _is_external_leg(self, h: Headers) -> bool:
@@ -428,10 +449,10 @@ class CallTracker:
         events = []
         ended = call.ended
         if "newCall" not in call.sent:
-            if call.direction in ("in", "out") and (call.routed or ended):
+            ready = (call.routed and call.root_seen) or ended
+            if call.direction in ("in", "out") and ready:
                 call.instance = self._route(call)
-            if call.direction not in ("in", "out") or not (call.routed or ended) \
-                    or call.instance is None:
+            if call.direction not in ("in", "out") or not ready or call.instance is None:
                 if ended:
                     self._forget(call)      # internal or ignored: Zammad never hears of it
                 return events

@@ -296,3 +296,14 @@ def test_hangup_for_a_call_never_seen_still_gives_a_whole_lifecycle():
     a = synth.caller()
     sent = run([a.hangup("NORMAL_CLEARING", "recv_cancel")])[1]
     assert [e.name for e in sent] == ["newCall", "hangup"]
+
+
+def test_b_leg_seen_before_its_a_leg_still_makes_one_call():
+    a = synth.caller()
+    b = synth.agent_leg(a)
+    tracker, sent = run([b.create(), a.create(), a.execute("bridge"), b.answer(), a.bridge(b),
+                         b.hangup("NORMAL_CLEARING"), a.hangup("NORMAL_CLEARING", "recv_bye")])
+    assert simple(sent) == [
+        ("newCall", IN_MAIN), ("answer", {**IN_MAIN, "user": "1001", "answeringNumber": "1001"}),
+        ("hangup", {**IN_MAIN, "cause": "normalClearing"})]
+    assert {e.call_id for e in sent} == {a.uuid} and tracker.calls == {}
