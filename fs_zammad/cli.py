@@ -63,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level, settings.log_format, settings.secrets)
     command = args.command or "run"
     if command == "run":
+        import sqlite3
+
         from fs_zammad.service import Service
 
         try:
             return Service(settings).run()
-        except OSError as exc:  # the outbox directory, the metrics port
-            print(f"fs-zammad: cannot start: {exc}", file=sys.stderr)
+        except (OSError, sqlite3.Error) as exc:  # the outbox directory, the metrics port
+            print(f"fs-zammad: cannot start: {exc} (STATE_DIR={settings.state_dir}, "
+                  f"METRICS_PORT={settings.metrics_port or 'off'})", file=sys.stderr)
             return EXIT_FAILED
     if command == "check":
         return check(settings)
@@ -84,7 +87,6 @@ def check(settings) -> int:
     import gevent
 
     from fs_zammad.esl import EslError, EslSupervisor
-    from fs_zammad.zammad import ZammadClient
 
     ok = True
 
@@ -95,39 +97,69 @@ def check(settings) -> int:
 
     supervisor = EslSupervisor(settings.freeswitch_host, settings.freeswitch_port,
                                settings.freeswitch_password, settings.freeswitch_timeout)
+    where = f"FreeSWITCH {supervisor.address}"
     try:
         conn = supervisor.connect()
     except EslError as exc:
-        say(False, f"FreeSWITCH {supervisor.address}: {exc}")
+        say(False, f"{where}: {str(exc).replace(f'FreeSWITCH at {supervisor.address} ', '', 1)}")
     else:
-        say(True, f"FreeSWITCH {supervisor.address}: reachable, password accepted, events "
-                  "subscribed")
+        say(True, f"{where}: reachable, password accepted, events subscribed")
         conn.close()
     gevent.sleep(0)
 
     if settings.dry_run:
         say(None, "Zammad: ZAMMAD_CTI_URL is not set (dry run)")
-        return EXIT_OK if ok else EXIT_FAILED
-    client = ZammadClient(settings.zammad_url, settings.zammad_timeout, settings.zammad_verify)
+    for name, url in settings.instances.items():
+        passed, what = _check_zammad(settings, url)
+        say(passed, f"Zammad{f' [{name}]' if name else ''} {what}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _check_zammad(settings, url: str) -> tuple[bool, str]:
+    """(passed, "<redacted url>: what was found") for one CTI endpoint."""
+    import re
+    from urllib.parse import urlsplit
+
+    from fs_zammad.zammad import ZammadClient
+
+    client = ZammadClient(url, settings.zammad_timeout, settings.zammad_verify)
     # An answer for a call Zammad never saw: proves URL, TLS, token and CTI
     # settings without creating a line in the caller log.
     probe = (("event", "answer"), ("direction", "in"),
              ("callId", f"fs-zammad-check-{uuid.uuid4()}"))
-    outcome = client.post(probe)
-    where = f"Zammad {client.redacted_url}"
-    if outcome.status == 500 and "No such call_id" in outcome.detail or outcome.status == 200:
-        say(True, f"{where}: reachable, TLS ok, token accepted, CTI enabled "
-                  f"({outcome.elapsed_ms:.0f} ms)")
-    elif outcome.status == 401:
-        say(False, f"{where}: token rejected (401: {outcome.detail})")
-    elif outcome.status == 422:
-        say(False, f"{where}: CTI integration not usable (422: {outcome.detail})")
-    elif outcome.status:
-        say(False, f"{where}: unexpected answer HTTP {outcome.status}: {outcome.detail}")
-    else:
-        say(False, f"{where}: {outcome.detail}")
-    client.close()
-    return EXIT_OK if ok else EXIT_FAILED
+    try:
+        outcome = client.post(probe)
+    finally:
+        client.close()
+    where = client.redacted_url
+    parts = urlsplit(url)
+    status, detail = outcome.status, outcome.detail
+    if status == 500 and "No such call_id" in detail or status == 200:
+        tls = "TLS ok" if parts.scheme == "https" else "plain HTTP (no TLS)"
+        return True, (f"{where}: reachable, {tls}, token accepted, CTI enabled "
+                      f"({outcome.elapsed_ms:.0f} ms)")
+    if status == 401:
+        return False, f"{where}: token rejected (401: {detail}); copy the URL from Zammad again"
+    if status == 422:
+        return False, (f"{where}: CTI integration not usable (422: {detail}); is CTI (generic) "
+                       "switched on in Admin > Integrations?")
+    if status in (502, 503, 504):
+        return False, f"{where}: Zammad or the proxy in front of it is down (HTTP {status}: {detail})"
+    if status:
+        return False, f"{where}: unexpected answer HTTP {status}: {detail}"
+    if detail.startswith("TLS error"):
+        # "... [SSL: CODE] reason (_ssl.c:NNN) ..." unless the detail was cut short
+        found = re.search(r"\[SSL: ([A-Z_]+)\](?: ([^'\"]*?) \(_ssl\.c)?", detail)
+        reason = (found.group(2) or found.group(1).lower().replace("_", " ")) if found \
+            else detail[len("TLS error: "):]
+        if found and found.group(1) == "CERTIFICATE_VERIFY_FAILED":
+            return False, (f"{where}: TLS certificate not accepted ({reason}); fix the "
+                           "certificate or name its CA in ZAMMAD_CA_BUNDLE")
+        return False, (f"{where}: TLS handshake failed ({reason}); does "
+                       f"{parts.hostname}:{parts.port or 443} speak https?")
+    if detail.startswith("DNS"):
+        return False, f"{where}: DNS lookup failed: no address for host {parts.hostname!r}"
+    return False, f"{where}: {detail}"
 
 
 def health(settings) -> int:
@@ -149,8 +181,13 @@ def health(settings) -> int:
     except OSError as exc:
         print(f"unhealthy: {url} not answering ({exc})")
         return EXIT_FAILED
-    state = json.loads(body)
-    print(state.get("status"), "; ".join(state.get("reasons", [])))
+    try:
+        state = json.loads(body)
+    except ValueError:
+        print(f"unhealthy: {url} did not answer with fs-zammad's health JSON")
+        return EXIT_FAILED
+    reasons = "; ".join(state.get("reasons", []))
+    print(f"{state.get('status')}: {reasons}" if reasons else state.get("status"))
     return EXIT_OK if state.get("status") == "ok" else EXIT_FAILED
 
 
@@ -166,8 +203,8 @@ def replay(settings, files: list[str], send: bool) -> int:
     if send and settings.dry_run:
         print("fs-zammad: replay --send needs ZAMMAD_CTI_URL", file=sys.stderr)
         return EXIT_CONFIG
-    client = ZammadClient(settings.zammad_url, settings.zammad_timeout,
-                          settings.zammad_verify) if send else None
+    clients = {name: ZammadClient(url, settings.zammad_timeout, settings.zammad_verify)
+               for name, url in settings.instances.items()} if send else {}
     status = EXIT_OK
     for path in files:
         tracker = CallTracker(tracker_rules(settings))
@@ -188,8 +225,10 @@ def replay(settings, files: list[str], send: bool) -> int:
             print("# (no call for Zammad: internal or ignored)")
         for event in events:
             line = urlencode(event.fields)
-            if client is not None:
-                outcome = client.post(event.fields)
+            if event.instance:
+                line = f"[{event.instance}] {line}"
+            if send:
+                outcome = clients[event.instance].post(event.fields)
                 line += f"  -> HTTP {outcome.status or '-'} {outcome.kind} {outcome.detail}".rstrip()
                 if outcome.kind != "delivered":
                     status = EXIT_FAILED

@@ -98,7 +98,9 @@ def _network_outcome(exc: requests.RequestException, secrets: tuple[str, ...]) -
     for secret in secrets:
         text = text.replace(secret, "***")
     if isinstance(exc, requests.exceptions.SSLError):
-        return Outcome(ZAMMAD_DOWN, 0, f"TLS error: {text[:200]}")
+        # urllib3 wraps the reason in a long pool description: keep the reason.
+        reason = re.search(r"\[SSL: [A-Z_]+\][^'\")]*", text)
+        return Outcome(ZAMMAD_DOWN, 0, f"TLS error: {(reason.group(0) if reason else text)[:200]}")
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
     if isinstance(exc, requests.exceptions.ReadTimeout):
