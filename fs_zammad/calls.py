@@ -53,6 +53,9 @@ DIRECTIONS = ("in", "out", "ignore")
 #: How many finished legs are remembered to ignore their late events.
 FINISHED_MEMORY = 20_000
 
+#: Causes kept of a call's ended legs (a queue call can ring hundreds).
+MAX_CAUSES = 20
+
 #: The channel events the tracker reads; the service subscribes to exactly these.
 TRACKED_EVENTS = ("CHANNEL_CREATE", "CHANNEL_EXECUTE", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
                   "CHANNEL_HANGUP_COMPLETE")
@@ -96,6 +99,8 @@ class Leg:
     loopback: bool = False   # half of a loopback channel: never a person
     party: str = ""          # the number/extension on this leg's far side
     agent: str = ""          # mod_callcenter agent name, if any
+    inbound: bool = False    # a phone's own call (Call-Direction inbound)
+    answered: bool = False   # CHANNEL_ANSWER seen (or answered when listed)
     ended: bool = False
 
 
@@ -108,7 +113,6 @@ class Call:
     dialed: str
     local_user: str
     direction: str = ""          # "", in, out, ignore
-    forced_direction: str = ""
     routed: bool = False
     queue: str = ""
     user: str = ""               # zammad_user
@@ -137,9 +141,13 @@ class Call:
 
     @classmethod
     def from_json(cls, text: str) -> "Call":
+        """Saved state; fields this version does not know are dropped."""
         data = json.loads(text)
-        data["legs"] = {uuid: Leg(**leg) for uuid, leg in data["legs"].items()}
-        return cls(**data)
+        leg_fields = {f.name for f in dataclasses.fields(Leg)}
+        data["legs"] = {uuid: Leg(**{k: v for k, v in leg.items() if k in leg_fields})
+                        for uuid, leg in data["legs"].items()}
+        call_fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in call_fields})
 
 
 def _h(headers: Headers, *names: str) -> str:
@@ -194,7 +202,8 @@ class CallTracker:
         if name == "CHANNEL_EXECUTE" and is_root:
             self._on_execute(call, headers)
         elif name == "CHANNEL_ANSWER":
-            if is_root:
+            leg.answered = True
+            if is_root and not leg.external:
                 call.routed = True  # FreeSWITCH itself answered (IVR, queue): not a person
             else:
                 self._person_answered(call, leg)
@@ -220,16 +229,24 @@ class CallTracker:
         known = self.leg_ids() if known is None else set(known)
         skip = set(skip)
         events: list[ZammadEvent] = []
+        answered_now = {h.get("Unique-ID") for h in live if h.get("Answer-State") == "answered"}
         for call in list(self.calls.values()):
-            for leg in call.legs.values():
-                if (not leg.ended and leg.uuid in known and leg.uuid not in live_ids
-                        and leg.uuid not in skip):
+            for leg in list(call.legs.values()):
+                if leg.ended or leg.uuid not in known or leg.uuid in skip:
+                    continue
+                if leg.uuid not in live_ids:
                     leg.ended = True
                     call.lost_end = True
+                elif leg.uuid in answered_now and leg.uuid != call.call_id:
+                    leg.answered = True     # picked up while we were away
+                    self._person_answered(call, leg)
             events += self._owed(call)
         for headers in live:
             uuid = headers.get("Unique-ID", "")
             if not uuid or uuid in skip or uuid in self._finished or self._call_of(uuid):
+                continue
+            if headers.get("Call-Direction") == "outbound" and "Other-Leg-Unique-ID" not in headers:
+                # A ringing B-leg is listed without its A-leg: its next event links it.
                 continue
             events += self.handle({**headers, "Event-Name": "CHANNEL_CREATE"}, now)
             call = self._call_of(uuid)
@@ -272,7 +289,7 @@ class CallTracker:
         outbound = h.get("Call-Direction") == "outbound"
         leg = Leg(uuid=uuid, external=self._is_external_leg(h),
                   loopback=h.get("Channel-Name", "").startswith("loopback/"),
-                  agent=_strip_domain(_h(h, "variable_cc_agent")))
+                  agent=_strip_domain(_h(h, "variable_cc_agent")), inbound=not outbound)
         parent = None
         for key in _PARENT_KEYS + (("Other-Leg-Unique-ID",) if outbound else ()):
             parent = self._call_of(_h(h, key))
@@ -288,7 +305,8 @@ class CallTracker:
         if parent is not None:
             parent.legs[uuid] = leg
             self._leg_call[uuid] = parent.call_id
-            self._leg_joined(parent, leg, h)
+            self._leg_joined(parent, leg, _h(h, "Caller-Destination-Number"),
+                             _h(h, "Caller-Caller-ID-Number"))
             self.dirty.add(parent.call_id)
             return parent
         call = Call(call_id=uuid, started=now, root_external=False, caller="", dialed="",
@@ -311,6 +329,10 @@ class CallTracker:
             h, "Caller-Destination-Number" if outbound else "Caller-Caller-ID-Number")
         if call.root_external and not call.direction:
             call.direction = "in"
+        elif self._is_external_leg(h) and not call.direction:
+            # originate to the customer first (click-to-dial): the agent joins later
+            call.direction, call.out_to, call.local_user = "out", call.dialed, ""
+            call.company_number = _h(h, "Caller-Caller-ID-Number")
 
     def _placeholder(self, h: Headers, now: float) -> Call | None:
         """A B-leg whose A-leg has not been seen yet (events can overtake each other)."""
@@ -334,38 +356,44 @@ class CallTracker:
         return len(parts) > 2 and parts[0] == "sofia" and (
             parts[1] == "gateway" or parts[1] in self.rules.external_profiles)
 
-    def _leg_joined(self, call: Call, leg: Leg, h: Headers) -> None:
+    def _leg_joined(self, call: Call, leg: Leg, number: str, presented: str) -> None:
+        """A leg became part of ``call``: ``number`` is where it goes, ``presented``
+        the caller id it shows."""
         call.routed = True
         if not leg.external:
+            if call.direction == "out" and not call.local_user:
+                call.local_user = leg.party   # the agent of a click-to-dial call
             return
-        if call.root_external or call.direction == "in":
-            call.forwarded = True          # an outside call sent outside again
-        elif not call.direction:
+        if not call.direction and not call.root_external:
             call.direction = "out"         # a local user reaching outside
-            call.out_to = _h(h, "Caller-Destination-Number")
-            call.company_number = _h(h, "Caller-Caller-ID-Number")
+            call.out_to = number
+            call.company_number = presented
 
     def _move_leg(self, uuid: str, to: Call, h: Headers) -> None:
         """Pickup / attended transfer: a leg of an undecided call joins ``to``."""
         source = self._call_of(uuid)
-        if source is None:
-            leg = Leg(uuid=uuid, party=_h(h, "Other-Leg-Caller-ID-Number"))
+        if source is None:  # never seen: all we know is on the bridge event
+            inbound = h.get("Other-Leg-Direction") == "inbound"
+            leg = Leg(uuid=uuid, inbound=inbound, party=_h(
+                h, "Other-Leg-Caller-ID-Number" if inbound else "Other-Leg-Destination-Number"),
+                external=self._is_external_leg({
+                    "Call-Direction": h.get("Other-Leg-Direction", ""),
+                    "Channel-Name": h.get("Other-Leg-Channel-Name", "")}))
         else:
             leg = source.legs.pop(uuid)
-            if not source.legs:
-                del self.calls[source.call_id]
             self.dirty.add(source.call_id)
+            if not source.legs:
+                self.calls.pop(source.call_id, None)
         to.legs[uuid] = leg
         self._leg_call[uuid] = to.call_id
+        self._leg_joined(to, leg, leg.party, "")
 
     # -- events ---------------------------------------------------------
 
     def _read_variables(self, call: Call, h: Headers) -> None:
         forced = _h(h, "variable_zammad_direction").lower()
-        if forced in DIRECTIONS:
-            call.forced_direction = forced
-            if not call.sent:
-                call.direction = forced
+        if forced in DIRECTIONS and not call.sent:
+            call.direction = forced
         user = _h(h, "variable_zammad_user")
         if user:
             call.user = user
@@ -391,7 +419,8 @@ class CallTracker:
         if call.answered or leg.loopback:
             return
         if call.direction == "in" and leg.external:
-            return                          # forwarded out: the 'forwarded' cause says it
+            call.forwarded = True           # taken outside: cause 'forwarded', not missed
+            return
         if call.direction == "out" and not leg.external:
             return                          # e.g. the agent's own phone of a click-to-dial
         if not call.direction and not leg.external:
@@ -408,7 +437,7 @@ class CallTracker:
         ``intercept``, attended transfer) joins that call and answered it.
         """
         other = _h(h, "Other-Leg-Unique-ID")
-        if not other:
+        if not other or other in self._finished:
             return call
         other_call = self._call_of(other)
         if other_call is None or (other_call is not call and self._absorbable(other_call)):
@@ -419,7 +448,11 @@ class CallTracker:
             self._move_leg(leg.uuid, other_call, h)
             self._person_answered(other_call, leg)
             return other_call
-        self._person_answered(call, call.legs[other])
+        other_leg = call.legs[other]
+        # Bridged is not answered: early media bridges a ringing phone. A
+        # phone's own call (pickup, the transfer target) is up once bridged.
+        if other_leg.answered or other_leg.inbound:
+            self._person_answered(call, other_leg)
         return call
 
     @staticmethod
@@ -428,6 +461,9 @@ class CallTracker:
 
     def _on_hangup(self, call: Call, leg: Leg, h: Headers, is_root: bool) -> None:
         leg.ended = True
+        if not is_root and not leg.answered and _h(h, "Caller-Channel-Answered-Time") not in ("", "0"):
+            leg.answered = True             # answered while events were lost
+            self._person_answered(call, leg)
         if is_root:
             call.root_end = {
                 "cause": _h(h, "Hangup-Cause", "variable_hangup_cause"),
@@ -440,7 +476,12 @@ class CallTracker:
             if reached_voicemail and not call.answered:
                 call.voicemail = True
         else:
-            call.other_causes.append(_h(h, "Hangup-Cause", "variable_hangup_cause"))
+            call.other_causes = (call.other_causes + [_h(h, "Hangup-Cause",
+                                                         "variable_hangup_cause")])[-MAX_CAUSES:]
+            # A long queue call rings agents for hours: keep the call small.
+            del call.legs[leg.uuid]
+            self._leg_call.pop(leg.uuid, None)
+            self._remember_finished(leg.uuid)
 
     # -- what Zammad is owed ----------------------------------------------
 
@@ -449,7 +490,10 @@ class CallTracker:
         events = []
         ended = call.ended
         if "newCall" not in call.sent:
-            ready = (call.routed and call.root_seen) or ended
+            # An outbound call needs its agent: a click-to-dial that rings the
+            # customer first knows the agent only when the agent's leg joins.
+            ready = (call.routed and call.root_seen
+                     and (call.direction != "out" or call.local_user)) or ended
             if call.direction in ("in", "out") and ready:
                 call.instance = self._route(call)
             if call.direction not in ("in", "out") or not ready or call.instance is None:
@@ -489,8 +533,11 @@ class CallTracker:
         for uuid in call.legs:
             if self._leg_call.get(uuid) == call.call_id:
                 del self._leg_call[uuid]
-            self._finished[uuid] = None
-        while len(self._finished) > FINISHED_MEMORY:
+            self._remember_finished(uuid)
+
+    def _remember_finished(self, uuid: str) -> None:
+        self._finished[uuid] = None
+        if len(self._finished) > FINISHED_MEMORY:
             self._finished.popitem(last=False)
 
     def _number(self, number: str) -> str:

@@ -307,3 +307,82 @@ def test_b_leg_seen_before_its_a_leg_still_makes_one_call():
         ("newCall", IN_MAIN), ("answer", {**IN_MAIN, "user": "1001", "answeringNumber": "1001"}),
         ("hangup", {**IN_MAIN, "cause": "normalClearing"})]
     assert {e.call_id for e in sent} == {a.uuid} and tracker.calls == {}
+
+
+def test_ringing_b_leg_listed_after_a_gap_joins_its_call_on_its_next_event():
+    a = synth.caller()
+    b = synth.agent_leg(a)
+    tracker, sent = run([a.create(), a.execute("bridge")])
+    live = channels_to_headers([
+        {"uuid": a.uuid, "direction": "inbound", "context": "public", "callstate": "RINGING"},
+        {"uuid": b.uuid, "direction": "outbound", "context": "public", "dest": "1001",
+         "callstate": "RINGING"}])          # ringing: show channels gives no call_uuid yet
+    sent += tracker.reconcile(live, 2000.0)
+    sent += run([b.answer(), a.bridge(b), a.hangup("NORMAL_CLEARING", "recv_bye"),
+                 b.hangup("NORMAL_CLEARING")], tracker)[1]
+    assert [(e.call_id, e.name) for e in sent] == [(a.uuid, "newCall"), (a.uuid, "answer"),
+                                                   (a.uuid, "hangup")]
+    assert sent[-1].get("cause") == "normalClearing"
+
+
+def test_agent_answered_during_a_gap_is_not_a_missed_call():
+    a = synth.caller()
+    b = synth.agent_leg(a)
+    tracker, sent = run([a.create(), a.execute("bridge"), b.create()])
+    live = channels_to_headers([
+        {"uuid": a.uuid, "direction": "inbound", "context": "public", "callstate": "ACTIVE"},
+        {"uuid": b.uuid, "direction": "outbound", "call_uuid": a.uuid, "callstate": "ACTIVE"}])
+    sent += tracker.reconcile(live, 2000.0)
+    sent += run([a.hangup("NORMAL_CLEARING", "recv_bye"), b.hangup("NORMAL_CLEARING")], tracker)[1]
+    assert [e.name for e in sent] == ["newCall", "answer", "hangup"]
+    assert sent[-1].get("cause") == "normalClearing"
+
+
+def test_answer_seen_only_in_the_hangup_event_counts():
+    a = synth.caller()
+    b = synth.agent_leg(a)
+    sent = run([a.create(), a.execute("bridge"), b.create(),
+                b.hangup("NORMAL_CLEARING", **{"Caller-Channel-Answered-Time": "1795604773462533"}),
+                a.hangup("NORMAL_CLEARING", "recv_bye")])[1]
+    assert [e.name for e in sent] == ["newCall", "answer", "hangup"]
+
+
+def test_forward_nobody_answers_is_missed_not_forwarded():
+    a = synth.caller()
+    mobile = synth.carrier_leg(a, dest="4917012345678")
+    sent = run([a.create(), a.execute("bridge"), mobile.create(),
+                mobile.hangup("USER_BUSY", "recv_refuse"),
+                a.hangup("USER_BUSY", "send_refuse", variable_originate_disposition="USER_BUSY")])[1]
+    assert sent[-1].get("cause") == "busy"
+
+
+def test_bridge_on_early_media_is_not_an_answer():
+    a = synth.agent_call()
+    b = synth.carrier_leg(a)
+    sent = run([a.create(), a.execute("bridge"), b.create(), a.bridge(b),
+                b.hangup("USER_BUSY", "recv_refuse"),
+                a.hangup("USER_BUSY", "send_refuse", variable_originate_disposition="USER_BUSY")])[1]
+    assert simple(sent) == [("newCall", {**OUT, "user": "1001"}), ("hangup", {**OUT, "cause": "busy"})]
+
+
+def test_click_to_dial_customer_first():
+    """originate sofia/gateway/carrier/4989... &bridge(user/1001)"""
+    customer = synth.Leg("outbound", "default", "492214710334", "4989123456789",
+                         "sofia/gateway/carrier/4989123456789",
+                         variables={"variable_sip_gateway_name": "carrier"})
+    agent = synth.agent_leg(customer, "1001", context="default")
+    sent = run([customer.create(), customer.answer(), customer.execute("bridge", "user/1001"),
+                agent.create(), agent.answer(), customer.bridge(agent),
+                agent.hangup("NORMAL_CLEARING", "recv_bye"), customer.hangup("NORMAL_CLEARING")])[1]
+    assert simple(sent) == [("newCall", {**OUT, "user": "1001"}), ("answer", OUT),
+                            ("hangup", {**OUT, "cause": "normalClearing"})]
+
+
+def test_long_queue_call_state_stays_small():
+    a = synth.caller(did="492214710340")
+    tracker, _ = run([a.create(), a.execute("callcenter", "support@default"), a.answer()])
+    for _ in range(300):
+        leg = synth.agent_leg(a, "1001", context="default")
+        run([leg.create(), leg.hangup("NO_ANSWER", "send_cancel")], tracker)
+    call = tracker.calls[a.uuid]
+    assert len(call.legs) == 1 and len(call.to_json()) < 2000
