@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     outbox = sub.add_parser("outbox", help="show or replay events Zammad refused")
     outbox.add_argument("action", choices=("list", "retry"))
     outbox.add_argument("--call", metavar="CALL_ID", help="only this call (retry)")
+    outbox.add_argument("--unsure", action="store_true",
+                        help="retry also hangups that may have reached Zammad (check Zammad's "
+                             "caller log first: a second hangup turns a missed call into done)")
     return parser
 
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return health(settings)
     if command == "replay":
         return replay(settings, args.files, args.send)
-    return outbox_command(settings, args.action, args.call)
+    return outbox_command(settings, args.action, args.call, args.unsure)
 
 
 def check(settings) -> int:
@@ -238,7 +241,7 @@ def replay(settings, files: list[str], send: bool) -> int:
     return status
 
 
-def outbox_command(settings, action: str, call_id: str | None) -> int:
+def outbox_command(settings, action: str, call_id: str | None, unsure: bool = False) -> int:
     from fs_zammad.outbox import Outbox
 
     path = settings.state_dir / "outbox.sqlite3"
@@ -249,12 +252,13 @@ def outbox_command(settings, action: str, call_id: str | None) -> int:
     if action == "list":
         rows = outbox.failed_rows()
         counts = outbox.counts()
-        print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside")
-        for row_id, call, instance, event, attempts, error, _created in rows:
-            print(f"{row_id}\t{call}\t{instance or 'default'}\t{event}\tattempts={attempts}\t"
-                  f"{error}")
+        print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside, "
+              f"{counts.get('unsure', 0)} unsure hangups")
+        for row_id, call, instance, event, state, attempts, error, _created in rows:
+            print(f"{row_id}\t{call}\t{instance or 'default'}\t{event}\t{state}\t"
+                  f"attempts={attempts}\t{error}")
     else:
-        count = outbox.retry_failed(call_id)
+        count = outbox.retry_failed(call_id, unsure)
         print(f"{count} events put back in line; the running service sends them within seconds")
     outbox.close()
     return EXIT_OK

@@ -119,10 +119,6 @@ class Settings:
         return not self.instances
 
     @property
-    def zammad_url_redacted(self) -> str:
-        return redact_url(self.zammad_url)
-
-    @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be logged (the log filter masks them)."""
         tokens = [url.rstrip("/").rpartition("/")[2] for url in self.instances.values()]

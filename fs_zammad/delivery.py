@@ -1,18 +1,22 @@
-"""Delivery: outbox -> Zammad, per-call order, calls in parallel, backoff.
+"""Delivery: outbox -> one Zammad, per-call order, calls in parallel, backoff.
 
 One dispatcher greenlet takes the first pending event of each call from the
 outbox (never two of one call at once) and runs up to ``concurrency`` POSTs.
 What happens after an answer:
 
 * delivered: the row is deleted.
-* Zammad down (connection refused, 502/503/504, TLS): every call waits;
-  the pause doubles up to ``retry_max`` with jitter, then one event probes.
+* Zammad down (connection refused, 502/503/504, TLS, no answer in time):
+  nothing is sent; after a pause that doubles up to ``retry_max`` (with
+  jitter) a probe asks Zammad about a call that does not exist, which stores
+  nothing, and only its answer lets the queue move again. So no real event,
+  least of all a hangup, is spent on finding out whether Zammad is back.
 * retry (a 500 Zammad did not explain, 429): this event waits, others go on.
-* failed (401/422, "No such call_id"): moved aside, logged once per reason.
-* maybe sent (a timeout after the request left): newCall and answer are
-  retried (a repeated newCall is answered "already exists"); a hangup is
-  moved aside instead, because a second hangup turns a missed call into a
-  done one in Zammad. Hangups are at most once from that point on.
+* failed (401/422, "No such call_id"): set aside, logged once per reason.
+* maybe sent (no answer in time after the request left): newCall and answer
+  are sent again later (a repeated newCall is answered "already exists"); a
+  hangup is set aside as ``unsure`` instead, because a second hangup turns a
+  missed call into a done one in Zammad. A hangup is marked in the outbox
+  before it is sent, so one cut off by a crash is treated the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 
 import gevent
 from gevent.event import Event
@@ -40,6 +45,12 @@ def backoff(attempt: int, cap: float, base: float = 0.5, rng=random.random) -> f
     return delay * (0.5 + rng() / 2)
 
 
+def probe_fields() -> tuple[tuple[str, str], ...]:
+    """A request Zammad answers without storing anything (unknown callId)."""
+    return (("event", "answer"), ("direction", "in"),
+            ("callId", f"fs-zammad-probe-{uuid.uuid4()}"))
+
+
 class Delivery:
     def __init__(self, outbox: Outbox, client, concurrency: int = 8, retry_max: float = 60.0,
                  on_sent=None, on_action=None, instance: str = ""):
@@ -58,7 +69,6 @@ class Delivery:
         self._down_failures = 0
         self._paused_until = 0.0
         self._reported: set[str] = set()
-        self.last_failure = ""
 
     @property
     def _name(self) -> str:
@@ -74,7 +84,11 @@ class Delivery:
     def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            wait = self._dispatch()
+            try:
+                wait = self._dispatch()
+            except Exception as exc:  # e.g. the outbox file unreadable: log, keep trying
+                log.error("delivery%s: %s: %s", self._name, type(exc).__name__, exc)
+                wait = 5.0
             if wait:
                 self._wake.wait(timeout=wait)
 
@@ -83,9 +97,11 @@ class Delivery:
         now = time.monotonic()
         if now < self._paused_until:
             return self._paused_until - now
-        free = self.concurrency - len(self._inflight)
         if self.down_since is not None:
-            free = min(free, 1 - len(self._inflight))  # one probe while Zammad is down
+            if not self._inflight:
+                self._probe()
+            return 0.0 if self.down_since is None else 0.5
+        free = self.concurrency - len(self._inflight)
         if free <= 0:
             return 1.0
         # In-flight rows are skipped; the rest of their calls wait behind them.
@@ -100,13 +116,30 @@ class Delivery:
         due = self.outbox.next_due(self.instance)
         return 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
 
+    def _probe(self) -> None:
+        """Is Zammad back? Asked with a request that stores nothing."""
+        kind = self.client.post(probe_fields()).kind
+        if kind in (zammad.DELIVERED, zammad.FAILED):   # any real answer from Zammad
+            log.info("Zammad%s answers again after %.0f s; sending the backlog (%d events)",
+                     self._name, time.monotonic() - self.down_since,
+                     self.outbox.pending_for(self.instance))
+            self.down_since, self._down_failures, self._paused_until = None, 0, 0.0
+        else:
+            self._pause()
+
+    def _pause(self) -> None:
+        self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
+        self._down_failures += 1
+
     def _send(self, row: Row) -> None:
         try:
+            if row.event == "hangup":
+                self.outbox.mark_sending(row.id)
             outcome = self.client.post(row.fields)
             self._settle(row, outcome)
         except gevent.GreenletExit:
             if row.event == "hangup":
-                self.outbox.fail(row, "stopped while sending; " + AMBIGUOUS_HANGUP)
+                self.outbox.set_unsure(row, "stopped while sending; " + AMBIGUOUS_HANGUP)
             raise
         except Exception as exc:  # a bug must not kill delivery; the row stays queued
             log.error("delivery of %s for call %s failed unexpectedly: %s: %s",
@@ -120,18 +153,13 @@ class Delivery:
         kind = outcome.kind
         if kind == zammad.MAYBE_SENT:
             if row.event == "hangup":
-                self.outbox.fail(row, AMBIGUOUS_HANGUP)
+                self.outbox.set_unsure(row, AMBIGUOUS_HANGUP)
                 self._report(row, outcome, AMBIGUOUS_HANGUP)
-                self.on_sent(row, outcome)
-                return
-            kind = zammad.ZAMMAD_DOWN
-        if kind == zammad.DELIVERED:
+            else:
+                self.outbox.attempted(row.id, outcome.detail)
+            self._zammad_down(outcome)
+        elif kind == zammad.DELIVERED:
             self.outbox.delivered(row.id)
-            if self.down_since is not None:
-                log.info("Zammad%s answers again after %.0f s; sending the backlog (%d events)",
-                         self._name, time.monotonic() - self.down_since,
-                         self.outbox.pending_for(self.instance))
-            self.down_since, self._down_failures, self._paused_until = None, 0, 0.0
             if outcome.action:
                 self.on_action(row, outcome.action)
         elif kind == zammad.FAILED:
@@ -141,27 +169,34 @@ class Delivery:
             delay = backoff(row.attempts, self.retry_max)
             self.outbox.retry_later(row.id, time.time() + delay,
                                     f"HTTP {outcome.status}: {outcome.detail}")
-        else:  # Zammad down: everyone waits
+        else:  # Zammad down: it did not process the request
             self.outbox.attempted(row.id, f"HTTP {outcome.status}: {outcome.detail}")
-            if self.down_since is None:
-                self.down_since = time.monotonic()
-                log.warning("Zammad%s unreachable: %s%s; events wait in the outbox and are "
-                            "retried with backoff", self._name,
-                            f"HTTP {outcome.status}: " if outcome.status else "", outcome.detail)
-            self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
-            self._down_failures += 1
+            self._zammad_down(outcome)
         self.on_sent(row, outcome)
 
+    def _zammad_down(self, outcome: zammad.Outcome) -> None:
+        """Everyone waits; from now on only probes go out until Zammad answers."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("Zammad%s unreachable: %s%s; events wait in the outbox and are sent "
+                        "once it answers again", self._name,
+                        f"HTTP {outcome.status}: " if outcome.status else "", outcome.detail)
+            self._pause()
+
     def _report(self, row: Row, outcome: zammad.Outcome, why: str) -> None:
-        """Log a permanent failure: loudly the first time, quietly after."""
-        self.last_failure = why
-        key = f"{outcome.status}:{why}"
-        hint = ("fix the setting, then run 'fs-zammad outbox retry' to send the events set aside"
-                if outcome.config_error else "'fs-zammad outbox list' shows it, "
-                "'fs-zammad outbox retry' sends it again")
+        """Log a permanent failure: loudly the first time per reason, quietly after."""
+        key = f"{outcome.status}:{why.replace(row.call_id, '<callId>')}"
+        if row.event == "hangup" and why == AMBIGUOUS_HANGUP:
+            hint = ("'fs-zammad outbox list' shows it; send it again only if Zammad's caller log "
+                    f"shows the call still open: 'fs-zammad outbox retry --unsure --call "
+                    f"{row.call_id}'")
+        elif outcome.config_error:
+            hint = "fix the setting, then run 'fs-zammad outbox retry' to send the events set aside"
+        else:
+            hint = "'fs-zammad outbox list' shows it, 'fs-zammad outbox retry' sends it again"
         level = logging.ERROR if key not in self._reported else logging.DEBUG
         self._reported.add(key)
-        log.log(level, "Zammad%s refused %s for call %s (HTTP %s: %s); set aside: %s",
+        log.log(level, "Zammad%s: %s for call %s not delivered (HTTP %s: %s); set aside: %s",
                 self._name, row.event, row.call_id, outcome.status or "-", why, hint)
 
     def drain(self, deadline: float) -> bool:

@@ -36,10 +36,6 @@ from fs_zammad.wire import FrameError, parse_event_plain
 
 log = logging.getLogger("fs_zammad.esl")
 
-# Only what the call tracker reads, plus HEARTBEAT for liveness: every
-# event not subscribed is an event FreeSWITCH need not format nor we parse.
-SUBSCRIBED = ("CHANNEL_CREATE CHANNEL_EXECUTE CHANNEL_ANSWER CHANNEL_BRIDGE "
-              "CHANNEL_HANGUP_COMPLETE HEARTBEAT")
 
 
 class EslError(Exception):
@@ -175,12 +171,15 @@ class EslSupervisor:
     """Keeps one live, subscribed connection; hands every event to ``on_event``."""
 
     def __init__(self, host: str, port: int, password: str, timeout: float = 5.0,
-                 liveness: float = 60.0, reconnect_max: float = 30.0,
+                 liveness: float = 60.0, reconnect_max: float = 30.0, events=("ALL",),
                  on_event=None, on_connected=None, on_state=None):
         self.host, self.port, self._password = host, port, password
         self.timeout = timeout
         self.liveness = liveness
         self.reconnect_max = reconnect_max
+        # Subscribe to what is used, plus HEARTBEAT for liveness: an event not
+        # subscribed is one FreeSWITCH need not format nor we parse.
+        self.subscription = " ".join(dict.fromkeys([*events, "HEARTBEAT"]))
         self.on_event = on_event or (lambda headers: None)
         self.on_connected = on_connected or (lambda supervisor: None)
         self.on_state = on_state or (lambda connected: None)
@@ -209,7 +208,7 @@ class EslSupervisor:
                 conn.connect()
             with gevent.Timeout(self.timeout, EslError("FreeSWITCH did not confirm the "
                                                        "event subscription in time")):
-                reply = conn.send(f"event plain {SUBSCRIBED}")
+                reply = conn.send(f"event plain {self.subscription}")
             if not reply.headers.get("Reply-Text", "").startswith("+OK"):
                 raise EslError(f"event subscription refused: {reply.headers.get('Reply-Text')}")
         except ValueError:  # greenswitch's "Invalid password."
@@ -240,8 +239,8 @@ class EslSupervisor:
         try:
             with gevent.Timeout(self.timeout, EslError(f"api {command.split()[0]} timed out")):
                 reply = conn.send(f"api {command}")
-        except NotConnectedError:
-            raise EslError("connection lost during an api command") from None
+        except (NotConnectedError, OSError) as exc:
+            raise EslError(f"connection lost during an api command ({exc or 'closed'})") from None
         return getattr(reply, "data", "") or ""
 
     def call_in_order(self, function) -> None:
@@ -287,16 +286,20 @@ class EslSupervisor:
                          self.reconnects)
             else:
                 log.info("connected to FreeSWITCH at %s, subscribed to %s", self.address,
-                         SUBSCRIBED)
+                         self.subscription)
             self.on_state(True)
             try:
                 self.on_connected(self)
                 reason = self._watch(conn)
             except EslError as exc:
                 reason = str(exc)
-            self.connected = False
-            self._conn = None
-            conn.close()
+            except Exception as exc:  # never let the supervisor die: rebuild the connection
+                log.exception("unexpected error on the FreeSWITCH connection")
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.connected = False
+                self._conn = None
+                conn.close()
             self._hand_on_leftovers(conn)
             self.on_state(False)
             if self._stopping:

@@ -36,8 +36,8 @@ OUTBOX_REFUSED = Counter("fs_zammad_outbox_refused_total",
                          "Zammad events dropped because the outbox was full", registry=REGISTRY)
 ESL_CONNECTED = Gauge("fs_zammad_esl_connected", "1 while connected to FreeSWITCH",
                       registry=REGISTRY)
-ESL_RECONNECTS = Gauge("fs_zammad_esl_reconnects_total", "Reconnects to FreeSWITCH since start",
-                       registry=REGISTRY)
+ESL_RECONNECTS = Counter("fs_zammad_esl_reconnects", "Reconnects to FreeSWITCH since start",
+                         registry=REGISTRY)
 OUTBOX_DEPTH = Gauge("fs_zammad_outbox_pending", "Events waiting in the outbox", registry=REGISTRY)
 OUTBOX_FAILED = Gauge("fs_zammad_outbox_failed", "Events set aside (see fs-zammad outbox list)",
                       registry=REGISTRY)
@@ -59,7 +59,6 @@ def bind(service) -> None:
     OUTBOX_AGE.set_function(lambda: service.outbox.oldest_pending_age())
     OUTBOX_FAILED.set_function(lambda: service.outbox.counts().get("failed", 0))
     CALLS.set_function(lambda: len(service.tracker.calls))
-    ESL_RECONNECTS.set_function(lambda: service.esl.reconnects)
 
 
 def observe_sent(row, outcome) -> None:

@@ -2,10 +2,14 @@
 
 Every Zammad event is written here, together with the state of the calls it
 came from, in one transaction, before anything is sent; a row leaves only
-when Zammad accepted it. A row that failed for good (wrong token, "No such
-call_id", a hangup that may have reached Zammad) stays in the file marked
-``failed`` with Zammad's answer, and so do the later events of its call, so
-that ``fs-zammad outbox retry`` can replay them in order.
+when Zammad accepted it. Row states:
+
+* ``pending``: waiting to be sent (``sending=1``: a hangup on its way);
+* ``failed``: Zammad refused it for good (wrong token, "No such call_id") or an
+  earlier event of its call failed; kept with Zammad's answer, so that
+  ``fs-zammad outbox retry`` can replay them in order;
+* ``unsure``: a hangup that may have reached Zammad. Sending it again could
+  give the call a second hangup, so only ``outbox retry --unsure`` does.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL DEFAULT 0,
+    sending INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending',
     last_error TEXT
 );
@@ -42,6 +47,7 @@ CREATE TABLE IF NOT EXISTS calls (
 """
 
 HELD = "held: an earlier event of this call failed"
+CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
 
 
 @dataclass(frozen=True)
@@ -52,10 +58,6 @@ class Row:
     fields: tuple[tuple[str, str], ...]
     created: float
     attempts: int
-
-
-class OutboxFull(Exception):
-    """The size cap is reached; the event was not stored."""
 
 
 class Outbox:
@@ -71,6 +73,10 @@ class Outbox:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self.refused = 0
+        self._refused_calls: set[str] = set()
+        # A hangup cut off by a crash may have reached Zammad: never resend it blindly.
+        self.db.execute("UPDATE outbox SET state='unsure', sending=0, last_error=? "
+                        "WHERE state='pending' AND sending=1", (CUT_OFF,))
         self.recount()
 
     def recount(self) -> int:
@@ -88,7 +94,9 @@ class Outbox:
                delete_calls: Sequence[str] = (), now: float | None = None) -> int:
         """Store new Zammad events and call state in one transaction.
 
-        Returns how many events were refused because the outbox is full.
+        Returns how many events were refused because the outbox is full:
+        when it is, new calls are refused (with their later events), while
+        the calls Zammad already knows still get their answer and hangup.
         """
         now = time.time() if now is None else now
         refused = 0
@@ -96,7 +104,11 @@ class Outbox:
         db.execute("BEGIN")
         try:
             for event in events:
-                if self.pending >= self.max_events:
+                if event.call_id in self._refused_calls or (
+                        event.name == "newCall" and self.pending >= self.max_events):
+                    self._refused_calls.add(event.call_id)
+                    if event.name == "hangup":
+                        self._refused_calls.discard(event.call_id)
                     refused += 1
                     continue
                 held = db.execute("SELECT 1 FROM outbox WHERE call_id=? AND state='failed' LIMIT 1",
@@ -124,14 +136,25 @@ class Outbox:
         if self.db.execute("DELETE FROM outbox WHERE id=? AND state='pending'", (row_id,)).rowcount:
             self.pending -= 1
 
+    def mark_sending(self, row_id: int) -> None:
+        self.db.execute("UPDATE outbox SET sending=1 WHERE id=?", (row_id,))
+
     def retry_later(self, row_id: int, next_at: float, error: str) -> None:
-        self.db.execute("UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
-                        (next_at, error, row_id))
+        """Zammad answered without storing it: send again after ``next_at``."""
+        self.db.execute("UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=?, "
+                        "sending=0 WHERE id=?", (next_at, error, row_id))
 
     def attempted(self, row_id: int, error: str) -> None:
-        """Count an attempt without delaying the row (Zammad as a whole is down)."""
-        self.db.execute("UPDATE outbox SET attempts=attempts+1, last_error=? WHERE id=?",
-                        (error, row_id))
+        """Not stored by Zammad, which is down as a whole: count the attempt."""
+        self.db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, sending=0 "
+                        "WHERE id=?", (error, row_id))
+
+    def set_unsure(self, row: Row, error: str) -> None:
+        """A hangup that may have reached Zammad: set aside, never resent by itself."""
+        if self.db.execute("UPDATE outbox SET state='unsure', sending=0, attempts=attempts+1, "
+                           "last_error=? WHERE id=? AND state='pending'",
+                           (error, row.id)).rowcount:
+            self.pending -= 1
 
     def fail(self, row: Row, error: str) -> None:
         """Move a row aside for good, with the rest of its call behind it."""
@@ -176,18 +199,25 @@ class Outbox:
         return max(0.0, now - row[0]) if row[0] is not None else 0.0
 
     def failed_rows(self) -> list[tuple]:
-        return self.db.execute("SELECT id, call_id, instance, event, attempts, last_error, created "
-                               "FROM outbox WHERE state='failed' ORDER BY id").fetchall()
+        """Rows set aside: (id, call, instance, event, state, attempts, error, created)."""
+        return self.db.execute("SELECT id, call_id, instance, event, state, attempts, last_error, "
+                               "created FROM outbox WHERE state IN ('failed', 'unsure') "
+                               "ORDER BY id").fetchall()
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
 
-    def retry_failed(self, call_id: str | None = None) -> int:
-        """Put failed rows back in line (all, or one call's), oldest first."""
-        where, args = ("state='failed'", ()) if call_id is None else (
-            "state='failed' AND call_id=?", (call_id,))
-        n = self.db.execute(f"UPDATE outbox SET state='pending', next_at=0, attempts=0 WHERE {where}",
-                            args).rowcount
+    def retry_failed(self, call_id: str | None = None, unsure: bool = False) -> int:
+        """Put set-aside rows back in line (all, or one call's), oldest first.
+
+        ``unsure`` hangups only when asked: the admin has checked that
+        Zammad's caller log still shows the call open.
+        """
+        states = "('failed', 'unsure')" if unsure else "('failed')"
+        where, args = (f"state IN {states}", ()) if call_id is None else (
+            f"state IN {states} AND call_id=?", (call_id,))
+        n = self.db.execute(f"UPDATE outbox SET state='pending', next_at=0, attempts=0, sending=0 "
+                            f"WHERE {where}", args).rowcount
         self.pending += n
         return n
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import time
 
 import gevent
 from gevent.event import Event
 
 from fs_zammad import metrics
-from fs_zammad.calls import Call, CallTracker, TrackerRules, channels_to_headers
+from fs_zammad.calls import TRACKED_EVENTS, Call, CallTracker, TrackerRules, channels_to_headers
 from fs_zammad.causes import CauseMapper
 from fs_zammad.config import Settings
 from fs_zammad.delivery import Delivery
@@ -73,10 +74,11 @@ class Service:
         self.esl = EslSupervisor(
             settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
             settings.freeswitch_timeout, settings.freeswitch_liveness,
-            settings.freeswitch_reconnect_max, on_event=self.on_event,
-            on_connected=self.on_connected, on_state=metrics.ESL_CONNECTED.set)
+            settings.freeswitch_reconnect_max, events=TRACKED_EVENTS, on_event=self.on_event,
+            on_connected=self.on_connected, on_state=self._esl_state)
         self._resync_seen: set | None = None  # uuids seen while a resync is under way
         self.stop_requested = Event()
+        self.failed = False  # a worker died or the outbox cannot be written: exit 1
         self.started = time.monotonic()
         metrics.bind(self)
 
@@ -131,8 +133,13 @@ class Service:
                 deletes.append(call_id)
             else:
                 upserts.append((call_id, call.to_json()))
+        try:
+            refused = self.outbox.record(events, upserts, deletes)
+        except sqlite3.Error as exc:
+            # Going on would lose these events: stop; the restart resyncs with FreeSWITCH.
+            self._fail(f"cannot write the outbox {self.outbox.path}: {exc}")
+            return
         tracker.dirty.clear()
-        refused = self.outbox.record(events, upserts, deletes)
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
             log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped "
@@ -141,6 +148,17 @@ class Service:
             delivery = self.deliveries.get(instance)
             if delivery is not None:
                 delivery.wake()
+
+    def _esl_state(self, connected: bool) -> None:
+        metrics.ESL_CONNECTED.set(connected)
+        if connected and self.esl.reconnects:
+            metrics.ESL_RECONNECTS.inc()
+
+    def _fail(self, why: str) -> None:
+        if not self.failed:
+            log.error("%s; stopping (exit 1) so that the container restarts", why)
+        self.failed = True
+        self.stop_requested.set()
 
     # -- delivery callbacks -------------------------------------------------------
 
@@ -177,6 +195,7 @@ class Service:
     def _expire_loop(self) -> None:
         while not self.stop_requested.is_set():
             self.stop_requested.wait(EXPIRY_INTERVAL)
+            self.outbox.recount()  # `outbox retry` may have run in another process
             events = self.tracker.expire(time.time())
             if events:
                 log.warning("%d calls exceeded MAX_CALL_SECONDS without a hangup; ended",
@@ -196,10 +215,12 @@ class Service:
         gevent.signal_handler(signal.SIGINT, self.stop_requested.set)
         workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop)]
         workers += [gevent.spawn(delivery.run) for delivery in self.deliveries.values()]
+        for worker in workers:
+            worker.link_exception(lambda g: self._fail(f"internal error: {g.exception!r}"))
         server = metrics.serve(self) if settings.metrics_port else None
         self.stop_requested.wait()
         self._shutdown(workers, server)
-        return 0
+        return 1 if self.failed else 0
 
     def _shutdown(self, workers, server) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout

@@ -107,8 +107,7 @@ def _network_outcome(exc: requests.RequestException, secrets: tuple[str, ...]) -
         return Outcome(MAYBE_SENT, 0, "no answer in time (the request may have been processed)")
     if isinstance(exc, requests.exceptions.ConnectionError):
         reason = repr(getattr(exc.args[0], "reason", exc.args[0])) if exc.args else text
-        if any(word in reason for word in ("NewConnectionError", "NameResolution",
-                                            "ConnectTimeout", "refused")):
+        if any(word in reason for word in ("NewConnectionError", "NameResolution", "refused")):
             if "NameResolution" in reason or "Name or service" in text:
                 return Outcome(ZAMMAD_DOWN, 0, "DNS lookup failed for Zammad's host")
             return Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable")

@@ -1,0 +1,67 @@
+"""The SQLite outbox: order, set-aside states, crash safety, the cap."""
+
+from fs_zammad.calls import ZammadEvent
+from fs_zammad.outbox import CUT_OFF, Outbox
+
+
+def ev(call_id, name, instance=""):
+    return ZammadEvent(call_id, (("event", name), ("direction", "in"), ("callId", call_id)),
+                       instance)
+
+
+def heads(outbox, **kw):
+    return [(r.call_id, r.event) for r in outbox.ready(10, **kw)]
+
+
+def test_first_pending_event_of_each_call_in_arrival_order(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3")
+    box.record([ev("a", "newCall"), ev("b", "newCall"), ev("a", "hangup"), ev("c", "newCall", "acme")])
+    assert heads(box) == [("a", "newCall"), ("b", "newCall")]
+    assert heads(box, instance="acme") == [("c", "newCall")]
+    first = box.ready(1)[0]
+    assert heads(box, skip_ids=[first.id]) == [("b", "newCall")]  # a's hangup waits behind
+    box.delivered(first.id)
+    assert heads(box) == [("b", "newCall"), ("a", "hangup")]
+    assert box.pending == 3
+
+
+def test_failure_holds_the_rest_of_the_call_and_retry_replays_in_order(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3")
+    box.record([ev("a", "newCall"), ev("a", "answer")])
+    box.fail(box.ready(1)[0], "HTTP 401: Invalid token")
+    box.record([ev("a", "hangup")])               # arrives after the failure: held too
+    assert heads(box) == [] and box.pending == 0
+    assert [r[3:5] for r in box.failed_rows()] == [("newCall", "failed"), ("answer", "failed"),
+                                                   ("hangup", "failed")]
+    assert box.retry_failed() == 3
+    assert heads(box) == [("a", "newCall")]
+
+
+def test_unsure_hangup_is_only_retried_when_asked(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3")
+    box.record([ev("a", "hangup"), ev("b", "newCall")])
+    box.set_unsure(box.ready(1)[0], "may have reached Zammad")
+    box.fail(box.ready(1)[0], "HTTP 422: x")
+    assert box.retry_failed() == 1                # b's newCall only
+    assert heads(box) == [("b", "newCall")]
+    assert box.retry_failed(call_id="a", unsure=True) == 1
+    assert ("a", "hangup") in heads(box)
+
+
+def test_hangup_cut_off_by_a_crash_becomes_unsure(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path)
+    box.record([ev("a", "hangup"), ev("b", "hangup")])
+    box.mark_sending(box.ready(1)[0].id)          # then kill -9: no outcome recorded
+    box.close()
+    reopened = Outbox(path)
+    assert heads(reopened) == [("b", "hangup")]
+    assert [(r[1], r[4], r[6]) for r in reopened.failed_rows()] == [("a", "unsure", CUT_OFF)]
+
+
+def test_cap_refuses_new_calls_but_not_the_end_of_known_ones(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3", max_events=2)
+    assert box.record([ev("a", "newCall"), ev("b", "newCall")]) == 0
+    assert box.record([ev("c", "newCall"), ev("a", "hangup"), ev("c", "hangup")]) == 2
+    assert box.pending == 3 and box.refused == 2
+    assert {r.call_id for r in box.ready(10)} == {"a", "b"}
