@@ -32,6 +32,7 @@ log = logging.getLogger("fs_zammad")
 sent_log = logging.getLogger("fs_zammad.sent")
 
 EXPIRY_INTERVAL = 30.0
+RESYNC_RETRY = 10.0
 
 
 def tracker_rules(settings: Settings) -> TrackerRules:
@@ -108,8 +109,12 @@ class Service:
             rows = json.loads(body or "{}").get("rows") or []
         except (EslError, ValueError, AttributeError) as exc:
             self._resync_seen = None
-            log.warning("could not list FreeSWITCH's channels after connecting (%s); calls "
-                        "that ended while disconnected end at MAX_CALL_SECONDS", exc)
+            log.warning("could not list FreeSWITCH's channels after connecting (%s); trying "
+                        "again in %.0f s", exc, RESYNC_RETRY)
+            connection = supervisor.reconnects
+            gevent.spawn_later(RESYNC_RETRY, lambda: supervisor.connected and
+                               supervisor.reconnects == connection and
+                               self.on_connected(supervisor))
             return
         supervisor.call_in_order(lambda: self._resync(rows, known))
 
