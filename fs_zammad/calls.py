@@ -137,7 +137,9 @@ class Call:
         return all(leg.ended for leg in self.legs.values())
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        # vars() rather than dataclasses.asdict(): this runs for every event.
+        data = {**vars(self), "legs": {uuid: vars(leg) for uuid, leg in self.legs.items()}}
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Call":

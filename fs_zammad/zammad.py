@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -123,6 +124,13 @@ class ZammadClient:
         self.url = url
         self.timeout = (min(connect_timeout, timeout), timeout)
         self.session = requests.Session()
+        # requests reads proxy and CA variables from the environment on every
+        # request unless told otherwise: read them once, here.
+        self.session.trust_env = False
+        self.session.proxies = requests.utils.get_environ_proxies(url)
+        if verify is True:
+            verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") \
+                or True
         self.session.verify = verify
         self.session.headers.update({
             "Accept": "application/json",  # Zammad answers errors as JSON, not HTML pages
