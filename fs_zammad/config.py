@@ -45,7 +45,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("ZAMMAD_CA_BUNDLE", "", "CA bundle file for Zammad's TLS certificate (default: system CAs)"),
     ("ZAMMAD_TLS_VERIFY", "true", "verify Zammad's TLS certificate (true/false)"),
     ("ZAMMAD_CONCURRENCY", "8", "requests in flight to Zammad at once (one per call)"),
-    ("ZAMMAD_RETRY_MAX", "15", "longest pause between retries while Zammad fails, seconds (probes store nothing, so this can be short)"),
+    ("ZAMMAD_RETRY_MAX", "15", "longest pause between probes while Zammad is down, seconds"),
     ("ZAMMAD_CAUSE_MAP", "", "cause overrides, e.g. CALL_REJECTED=busy,NO_ANSWER=cancel"),
     ("EXTERNAL_CONTEXTS", "public", "dialplan contexts whose calls come from outside (direction in)"),
     ("EXTERNAL_PROFILES", "external", "sofia profiles that lead outside: a leg created on one "

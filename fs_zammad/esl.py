@@ -29,12 +29,17 @@ import random
 import time
 
 import gevent
-from gevent.queue import Empty
+from gevent.queue import Empty, Queue
 from greenswitch.esl import InboundESL, NotConnectedError
 
 from fs_zammad.wire import FrameError, parse_event_plain
 
 log = logging.getLogger("fs_zammad.esl")
+
+#: Events read but not yet handled. FreeSWITCH itself queues up to 100,000
+#: events per connection (and drops a client only after 500 are lost), so
+#: making it wait costs nothing while memory here stays bounded.
+EVENT_BUFFER = 500
 
 
 
@@ -70,6 +75,9 @@ class _Connection(InboundESL):
 
     def __init__(self, host, port, password, timeout, on_broken):
         super().__init__(host, port, password, timeout=timeout)
+        # greenswitch's queue is unbounded: a burst would pile up in memory.
+        # Bounded, a full queue stops the reader and FreeSWITCH buffers for us.
+        self._esl_event_queue = Queue(maxsize=EVENT_BUFFER)
         self.disconnect_reason = ""
         self._on_broken = on_broken
 
