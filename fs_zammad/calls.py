@@ -50,6 +50,22 @@ _PARENT_KEYS = ("variable_cc_member_session_uuid", "variable_originating_leg_uui
 
 DIRECTIONS = ("in", "out", "ignore")
 
+#: Every header the tracker reads (and so all the service parses of an event:
+#: about 30 of FreeSWITCH's ~150); tests/test_calls.py checks the list.
+HEADERS_READ = frozenset("""Event-Name Unique-ID Call-Direction Caller-Context Channel-Name
+    Caller-Caller-ID-Number Caller-Orig-Caller-ID-Number Caller-Destination-Number
+    Caller-Channel-Answered-Time Answer-State Application Application-Data Hangup-Cause
+    Other-Leg-Unique-ID Other-Leg-Direction Other-Leg-Channel-Name Other-Leg-Caller-ID-Number
+    Other-Leg-Destination-Number variable_cc_agent variable_cc_queue
+    variable_cc_member_session_uuid variable_originating_leg_uuid
+    variable_other_loopback_leg_uuid variable_other_loopback_from_uuid
+    variable_current_application variable_dialed_user variable_domain_name
+    variable_hangup_cause variable_last_bridge_hangup_cause variable_originate_disposition
+    variable_sip_gateway variable_sip_gateway_name variable_sip_hangup_disposition
+    variable_sip_req_user variable_user_name variable_voicemail_message_len""".split())
+#: ...and every channel variable the dialplan sets for us.
+HEADER_PREFIXES_READ = ("variable_zammad_",)
+
 #: How many finished legs are remembered to ignore their late events.
 FINISHED_MEMORY = 20_000
 

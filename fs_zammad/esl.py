@@ -73,8 +73,9 @@ class _InOrder:
 class _Connection(InboundESL):
     """greenswitch's InboundESL with a reader that cannot hang or spin."""
 
-    def __init__(self, host, port, password, timeout, on_broken):
+    def __init__(self, host, port, password, timeout, on_broken, keep=None):
         super().__init__(host, port, password, timeout=timeout)
+        self._keep = keep  # which headers to parse (None: all)
         # greenswitch's queue is unbounded: a burst would pile up in memory.
         # Bounded, a full queue stops the reader and FreeSWITCH buffers for us.
         self._esl_event_queue = Queue(maxsize=EVENT_BUFFER)
@@ -115,7 +116,7 @@ class _Connection(InboundESL):
                 log.warning("skipped a frame of type %s from FreeSWITCH", content_type or "(none)")
                 return
             try:
-                self._esl_event_queue.put(ParsedEvent(parse_event_plain(body)))
+                self._esl_event_queue.put(ParsedEvent(parse_event_plain(body, self._keep)))
             except FrameError as exc:
                 log.warning("skipped a malformed event from FreeSWITCH: %s", exc)
             return
@@ -180,7 +181,7 @@ class EslSupervisor:
 
     def __init__(self, host: str, port: int, password: str, timeout: float = 5.0,
                  liveness: float = 60.0, reconnect_max: float = 30.0, events=("ALL",),
-                 on_event=None, on_connected=None, on_state=None):
+                 keep=None, on_event=None, on_connected=None, on_state=None):
         self.host, self.port, self._password = host, port, password
         self.timeout = timeout
         self.liveness = liveness
@@ -188,6 +189,7 @@ class EslSupervisor:
         # Subscribe to what is used, plus HEARTBEAT for liveness: an event not
         # subscribed is one FreeSWITCH need not format nor we parse.
         self.subscription = " ".join(dict.fromkeys([*events, "HEARTBEAT"]))
+        self.keep = keep  # a wire.HeaderFilter: parse only the headers that are read
         self.on_event = on_event or (lambda headers: None)
         self.on_connected = on_connected or (lambda supervisor: None)
         self.on_state = on_state or (lambda connected: None)
@@ -207,7 +209,8 @@ class EslSupervisor:
     def connect(self) -> _Connection:
         """Connect, authenticate and subscribe within ``timeout`` each."""
         self._broken.clear()
-        conn = _Connection(self.host, self.port, self._password, self.timeout, self._broken.set)
+        conn = _Connection(self.host, self.port, self._password, self.timeout, self._broken.set,
+                           self.keep)
         conn.register_handle("*", self._dispatch)
         try:
             with gevent.Timeout(self.timeout, EslError(
@@ -250,6 +253,11 @@ class EslSupervisor:
         except (NotConnectedError, OSError) as exc:
             raise EslError(f"connection lost during an api command ({exc or 'closed'})") from None
         return getattr(reply, "data", "") or ""
+
+    def backlog(self) -> int:
+        """Events read from the socket and not yet handed on."""
+        conn = self._conn
+        return conn._esl_event_queue.qsize() if conn is not None else 0
 
     def call_in_order(self, function) -> None:
         """Run ``function`` in the event greenlet once every event read so far is handled."""

@@ -61,7 +61,8 @@ class Row:
 
 
 class Outbox:
-    def __init__(self, path: str | Path = ":memory:", max_events: int = 200_000):
+    def __init__(self, path: str | Path = ":memory:", max_events: int = 200_000,
+                 background_checkpoint: bool = False):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
@@ -71,6 +72,14 @@ class Outbox:
         # NORMAL: a commit survives a killed process (kill -9); only a power
         # loss can take the last moments with it.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self._checkpointer = None
+        if background_checkpoint and self.path != ":memory:":
+            # SQLite's automatic checkpoint runs inside a COMMIT and its fsyncs
+            # stall the event loop (p99 latency); the caller runs checkpoint()
+            # in a thread instead.
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
+                                                 check_same_thread=False)
         self.db.executescript(SCHEMA)
         self.refused = 0
         self._refused_calls: set[str] = set()
@@ -87,6 +96,13 @@ class Outbox:
 
     def close(self) -> None:
         self.db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file; safe to call from another thread."""
+        if self._checkpointer is not None:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- writing --------------------------------------------------------
 

@@ -20,18 +20,29 @@ import gevent
 from gevent.event import Event
 
 from fs_zammad import metrics
-from fs_zammad.calls import TRACKED_EVENTS, Call, CallTracker, TrackerRules, channels_to_headers
+from fs_zammad.calls import (
+    HEADER_PREFIXES_READ,
+    HEADERS_READ,
+    TRACKED_EVENTS,
+    Call,
+    CallTracker,
+    TrackerRules,
+    channels_to_headers,
+)
 from fs_zammad.causes import CauseMapper
 from fs_zammad.config import Settings
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
 from fs_zammad.outbox import Outbox
+from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient
 
 log = logging.getLogger("fs_zammad")
 sent_log = logging.getLogger("fs_zammad.sent")
 
 EXPIRY_INTERVAL = 30.0
+CHECKPOINT_INTERVAL = 1.0
+BATCH_MAX = 200
 RESYNC_RETRY = 10.0
 
 
@@ -58,7 +69,8 @@ def outbox_path(settings: Settings) -> str:
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.outbox = Outbox(outbox_path(settings), settings.outbox_max_events)
+        self.outbox = Outbox(outbox_path(settings), settings.outbox_max_events,
+                             background_checkpoint=True)
         calls = [Call.from_json(text) for text in self.outbox.load_calls()]
         self.tracker = CallTracker(tracker_rules(settings), calls)
         # One client and one delivery per Zammad system, each with its own
@@ -75,9 +87,11 @@ class Service:
         self.esl = EslSupervisor(
             settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
             settings.freeswitch_timeout, settings.freeswitch_liveness,
-            settings.freeswitch_reconnect_max, events=TRACKED_EVENTS, on_event=self.on_event,
+            settings.freeswitch_reconnect_max, events=TRACKED_EVENTS,
+            keep=HeaderFilter(HEADERS_READ, HEADER_PREFIXES_READ), on_event=self.on_event,
             on_connected=self.on_connected, on_state=self._esl_state)
         self._resync_seen: set | None = None  # uuids seen while a resync is under way
+        self._batch: list = []  # Zammad events not yet written (see on_event)
         self.stop_requested = Event()
         self.failed = False  # a worker died or the outbox cannot be written: exit 1
         self.started = time.monotonic()
@@ -88,11 +102,13 @@ class Service:
     def on_event(self, headers) -> None:
         name = headers.get("Event-Name", "")
         metrics.EVENTS_RECEIVED.labels(name).inc()
-        if name == "HEARTBEAT":
-            return
-        if self._resync_seen is not None:
-            self._resync_seen.add(headers.get("Unique-ID", ""))
-        self._store(self.tracker.handle(headers, time.time()))
+        if name != "HEARTBEAT":
+            if self._resync_seen is not None:
+                self._resync_seen.add(headers.get("Unique-ID", ""))
+            self._batch += self.tracker.handle(headers, time.time())
+        # One transaction for what arrived together; at once when nothing waits.
+        if len(self._batch) >= BATCH_MAX or self.esl.backlog() == 0:
+            self._store(())
 
     def on_connected(self, supervisor: EslSupervisor) -> None:
         """After every (re)connect: learn which calls are up, settle the gap.
@@ -128,7 +144,9 @@ class Service:
         self._store(events)
 
     def _store(self, events) -> None:
+        """Write the Zammad events owed (and the calls' state) in one transaction."""
         tracker = self.tracker
+        events, self._batch = self._batch + list(events), []
         if not events and not tracker.dirty:
             return
         upserts, deletes = [], []
@@ -207,6 +225,14 @@ class Service:
                             sum(1 for e in events if e.name == "hangup"))
             self._store(events)
 
+    def _checkpoint_loop(self) -> None:
+        threadpool = gevent.get_hub().threadpool
+        while not self.stop_requested.wait(CHECKPOINT_INTERVAL):
+            try:
+                threadpool.apply(self.outbox.checkpoint)
+            except sqlite3.Error as exc:
+                log.warning("outbox checkpoint failed: %s", exc)
+
     def run(self) -> int:
         settings = self.settings
         targets = ", ".join(f"{name or 'default'}={delivery.client.redacted_url}"
@@ -218,7 +244,8 @@ class Service:
             log.warning("ZAMMAD_CTI_URL is not set: dry run, events are logged, not sent")
         gevent.signal_handler(signal.SIGTERM, self.stop_requested.set)
         gevent.signal_handler(signal.SIGINT, self.stop_requested.set)
-        workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop)]
+        workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop),
+                   gevent.spawn(self._checkpoint_loop)]
         workers += [gevent.spawn(delivery.run) for delivery in self.deliveries.values()]
         for worker in workers:
             worker.link_exception(lambda g: self._fail(f"internal error: {g.exception!r}"))

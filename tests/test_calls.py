@@ -386,3 +386,41 @@ def test_long_queue_call_state_stays_small():
         run([leg.create(), leg.hangup("NO_ANSWER", "send_cancel")], tracker)
     call = tracker.calls[a.uuid]
     assert len(call.legs) == 1 and len(call.to_json()) < 2000
+
+
+class RecordingHeaders(dict):
+    """Headers that remember which names were read."""
+
+    read: set = set()
+
+    def get(self, name, default=None):
+        RecordingHeaders.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name):
+        RecordingHeaders.read.add(name)
+        return super().__getitem__(name)
+
+
+def test_the_tracker_reads_only_the_headers_the_service_parses():
+    from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
+    from fs_zammad.wire import HeaderFilter, parse_event_plain
+
+    RecordingHeaders.read = set()
+    keep = HeaderFilter(HEADERS_READ, HEADER_PREFIXES_READ)
+    for path in sorted(FIXTURES.glob("*/*/events*.txt")):
+        events = list(iter_capture(path.read_bytes()))
+        full = run([RecordingHeaders(h) for h in events])[1]
+        data = path.read_bytes()
+        # the same stream parsed the service's way: only the headers read
+        filtered = []
+        pos = 0
+        while pos < len(data):
+            end = data.index(b"\n\n", pos)
+            length = int(data[pos:end].split(b"Content-Length: ")[1].split(b"\n")[0])
+            filtered.append(parse_event_plain(data[end + 2:end + 2 + length], keep))
+            pos = end + 2 + length
+        assert run(filtered)[1] == full, path
+    unexpected = {n for n in RecordingHeaders.read
+                  if n not in HEADERS_READ and not n.startswith(HEADER_PREFIXES_READ)}
+    assert not unexpected
