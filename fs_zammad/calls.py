@@ -66,8 +66,9 @@ HEADERS_READ = frozenset("""Event-Name Unique-ID Call-Direction Caller-Context C
 #: ...and every channel variable the dialplan sets for us.
 HEADER_PREFIXES_READ = ("variable_zammad_",)
 
-#: How many finished legs are remembered to ignore their late events.
-FINISHED_MEMORY = 20_000
+#: How many finished legs are remembered to ignore their late events: late
+#: means milliseconds, and 5,000 legs are half a minute at 100 calls/s.
+FINISHED_MEMORY = 5_000
 
 #: Causes kept of a call's ended legs (a queue call can ring hundreds).
 MAX_CAUSES = 20
