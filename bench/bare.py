@@ -1,0 +1,172 @@
+"""The two ceilings, each run as its own process (pinned like the service).
+
+``bare.py esl PORT PASSWORD EXPECT SUBSCRIPTION...``
+    a plain ``greenswitch.InboundESL`` with a no-op ``'*'`` handler: the least a
+    gevent/greenswitch program can do with the firehose. Prints ``READY`` once
+    subscribed, then one JSON line when EXPECT events were handled.
+
+``bare.py forward PORT PASSWORD URL CALLS SUBSCRIPTION...``
+    greenswitch in, requests out, no state, no storage: the latency floor
+    (see ``forward``).
+
+``bare.py post URL SECONDS MODE``
+    a plain ``requests.Session`` posting the form fields of a typical newCall
+    to the stand-in, sequentially (MODE ``plain``: no gevent, one keep-alive
+    connection) or from 8 greenlets under gevent's monkey patching (MODE
+    ``gevent8``, like fs-zammad's ZAMMAD_CONCURRENCY=8, for information).
+
+CPU is the process's own user+system time (os.times) over the measured span;
+times are time.monotonic_ns so they compare with the other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def esl(port: int, password: str, expect: int, subscription: list[str]) -> None:
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    import greenswitch
+
+    state = {"n": 0, "t_first": 0, "t_last": 0, "cpu_end": 0.0}
+    done = gevent.event.Event()
+
+    def noop(event):
+        state["n"] += 1
+        if state["n"] == 1:
+            state["t_first"] = time.monotonic_ns()
+        if state["n"] >= expect:
+            state["t_last"] = time.monotonic_ns()
+            state["cpu_end"] = cpu()
+            done.set()
+
+    conn = greenswitch.InboundESL("127.0.0.1", port, password)
+    conn.register_handle("*", noop)
+    conn.connect()
+    conn.send("event plain " + " ".join(subscription))
+    cpu_start = cpu()
+    print("READY", flush=True)
+    done.wait(timeout=600)
+    print(json.dumps({"events": state["n"], "t_first_event_ns": state["t_first"],
+                      "t_last_ns": state["t_last"], "cpu_s": state["cpu_end"] - cpu_start}),
+          flush=True)
+    os._exit(0)  # greenswitch's stop() can block; the numbers are out
+
+
+def forward(port: int, password: str, url: str, expect_calls: int, subscription: list[str]) -> None:
+    """The least a forwarder can do: greenswitch in, requests out, no state.
+
+    On the three frames that make fs-zammad post (the A-leg's ``bridge``
+    CHANNEL_EXECUTE, the B-leg's CHANNEL_ANSWER and CHANNEL_HANGUP_COMPLETE)
+    it posts newCall / answer / hangup from a pool of 8 greenlets. The A-leg
+    uuid (callId) is rebuilt from the synthetic uuid layout (slot 0 = A-leg).
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    import greenswitch
+    import requests
+    from gevent.pool import Pool
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    session.headers.update({"Accept": "application/json", "User-Agent": "bench"})
+    session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0))
+    pool = Pool(8)
+    state = {"hangups": 0, "cpu_end": 0.0, "t_last": 0}
+    done = gevent.event.Event()
+
+    def post(event, uuid):
+        call_id = uuid[:9] + "0000" + uuid[13:]
+        _ = session.post(url, data=[("event", event), ("direction", "in"), ("callId", call_id),
+                                    ("from", "493023125741"), ("to", "492214710334")],
+                         timeout=(5, 10)).text  # read the body, as fs-zammad does
+        if event == "hangup":
+            state["hangups"] += 1
+            if state["hangups"] >= expect_calls:
+                state["t_last"] = time.monotonic_ns()
+                state["cpu_end"] = cpu()
+                done.set()
+
+    def handler(event):
+        h = event.headers
+        name = h.get("Event-Name")
+        if name == "CHANNEL_EXECUTE" and h.get("Application") == "bridge":
+            pool.spawn(post, "newCall", h["Unique-ID"])
+        elif name == "CHANNEL_ANSWER" and h.get("Call-Direction") == "outbound":
+            pool.spawn(post, "answer", h["Unique-ID"])
+        elif name == "CHANNEL_HANGUP_COMPLETE" and h.get("Call-Direction") == "outbound":
+            pool.spawn(post, "hangup", h["Unique-ID"])
+
+    conn = greenswitch.InboundESL("127.0.0.1", port, password)
+    conn.register_handle("*", handler)
+    conn.connect()
+    conn.send("event plain " + " ".join(subscription))
+    cpu_start = cpu()
+    print("READY", flush=True)
+    done.wait(timeout=600)
+    print(json.dumps({"hangups": state["hangups"], "t_last_ns": state["t_last"],
+                      "cpu_s": state["cpu_end"] - cpu_start}), flush=True)
+    os._exit(0)
+
+
+FIELDS = [("event", "newCall"), ("direction", "in"),
+          ("callId", "0e0470c2-489b-46af-9ea6-35866f3fd175"), ("from", "493023125741"),
+          ("to", "492214710334"), ("user", "1001")]
+
+
+def post(url: str, seconds: float, mode: str) -> None:
+    if mode == "gevent8":
+        from gevent import monkey
+
+        monkey.patch_all()
+        import gevent
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    session.headers.update({"Accept": "application/json", "User-Agent": "bench"})
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0)
+    session.mount("http://", adapter)
+    # warm up: open the connection(s)
+    _ = session.post(url, data=FIELDS, timeout=(5, 10)).text
+    count = [0]
+    deadline = time.monotonic() + seconds
+
+    def loop():
+        while time.monotonic() < deadline:
+            _ = session.post(url, data=FIELDS, timeout=(5, 10)).text
+            count[0] += 1
+
+    cpu_start, t0 = cpu(), time.monotonic_ns()
+    if mode == "gevent8":
+        gevent.joinall([gevent.spawn(loop) for _ in range(8)])
+    else:
+        loop()
+    t1, cpu_end = time.monotonic_ns(), cpu()
+    print(json.dumps({"posts": count[0], "elapsed_s": (t1 - t0) / 1e9,
+                      "cpu_s": cpu_end - cpu_start}), flush=True)
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    if role == "esl":
+        esl(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:])
+    elif role == "forward":
+        forward(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:])
+    elif role == "post":
+        post(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit(f"unknown role {role}")
