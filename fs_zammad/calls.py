@@ -278,6 +278,18 @@ class CallTracker:
                 events += self._owed(call)
         return events
 
+    def take_dirty(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """The changed calls to save, ([(call_id, json)], [ended call_id]); clears ``dirty``."""
+        upserts, deletes = [], []
+        for call_id in self.dirty:
+            call = self.calls.get(call_id)
+            if call is None:
+                deletes.append(call_id)
+            else:
+                upserts.append((call_id, call.to_json()))
+        self.dirty.clear()
+        return upserts, deletes
+
     def leg_ids(self) -> set[str]:
         return set(self._leg_call)
 

@@ -149,20 +149,12 @@ class Service:
         events, self._batch = self._batch + list(events), []
         if not events and not tracker.dirty:
             return
-        upserts, deletes = [], []
-        for call_id in tracker.dirty:
-            call = tracker.calls.get(call_id)
-            if call is None:
-                deletes.append(call_id)
-            else:
-                upserts.append((call_id, call.to_json()))
         try:
-            refused = self.outbox.record(events, upserts, deletes)
+            refused = self.outbox.record(events, *tracker.take_dirty())
         except sqlite3.Error as exc:
             # Going on would lose these events: stop; the restart resyncs with FreeSWITCH.
             self._fail(f"cannot write the outbox {self.outbox.path}: {exc}")
             return
-        tracker.dirty.clear()
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
             log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped "

@@ -107,11 +107,10 @@ def split_frame_head(head: bytes | str) -> dict[str, str]:
     return headers
 
 
-def iter_capture(data: bytes) -> Iterator[EventHeaders]:
-    """Events from a captured socket byte stream (as in tests/fixtures).
+def iter_frames(data: bytes) -> Iterator[tuple[dict[str, str], bytes]]:
+    """(frame head, body) pairs from a captured socket byte stream.
 
-    Frames that are not ``text/event-plain`` (command replies) are skipped;
-    a truncated or malformed frame raises FrameError saying where.
+    A truncated or malformed frame raises FrameError saying where.
     """
     pos = 0
     while pos < len(data):
@@ -131,5 +130,12 @@ def iter_capture(data: bytes) -> Iterator[EventHeaders]:
         if len(body) < length:
             raise FrameError(f"frame at byte {end} is cut short ({len(body)} of {length} bytes)")
         pos += length
+        yield head, body
+
+
+def iter_capture(data: bytes, keep: HeaderFilter | None = None) -> Iterator[EventHeaders]:
+    """The events of a captured socket byte stream (as in tests/fixtures);
+    frames that are not ``text/event-plain`` (command replies) are skipped."""
+    for head, body in iter_frames(data):
         if head.get("Content-Type") == "text/event-plain":
-            yield parse_event_plain(body)
+            yield parse_event_plain(body, keep)

@@ -78,3 +78,20 @@ def carrier_leg(parent, dest="4989123456789"):
     return Leg("outbound", parent.base["Caller-Context"], "492214710334", dest,
                f"sofia/external/{dest}", parent=parent,
                variables={"variable_sip_gateway_name": "carrier"})
+
+
+def picked_up_call():
+    """1001's phone rings; 1002 picks the call up with intercept (``*8``), talks, caller hangs up.
+
+    Returns (caller leg, events). After pickup FreeSWITCH shows the picking
+    agent's number as the caller on the A-leg: the Zammad call must not.
+    """
+    a = caller()
+    ringing = agent_leg(a, "1001")
+    picker = agent_call("1002", dest="**1001")
+    events = [a.create(), a.execute("bridge"), ringing.create(), picker.create(),
+              picker.execute("intercept", a.uuid), ringing.hangup("PICKED_OFF", "send_cancel"),
+              a.answer(), a.bridge(picker)]
+    a.base["Caller-Caller-ID-Number"] = "1002"
+    events += [a.hangup("NORMAL_CLEARING", "recv_bye"), picker.hangup("NORMAL_CLEARING")]
+    return a, events

@@ -209,15 +209,7 @@ def test_blind_transfer_to_second_agent_keeps_first_number_and_one_call():
 
 
 def test_pickup_makes_the_intercepting_agent_the_one_who_answered():
-    a = synth.caller()
-    ringing = synth.agent_leg(a, "1001")
-    picker = synth.agent_call("1002", dest="**1001")
-    events = [a.create(), a.execute("bridge"), ringing.create(), picker.create(),
-              picker.execute("intercept", a.uuid), ringing.hangup("PICKED_OFF", "send_cancel"),
-              a.answer(), a.bridge(picker)]
-    # After pickup FreeSWITCH shows the agent's number as the caller on the A-leg.
-    a.base["Caller-Caller-ID-Number"] = "1002"
-    events += [a.hangup("NORMAL_CLEARING", "recv_bye"), picker.hangup("NORMAL_CLEARING")]
+    _, events = synth.picked_up_call()
     tracker, sent = run(events)
     assert simple(sent) == [
         ("newCall", IN_MAIN),
@@ -404,22 +396,15 @@ class RecordingHeaders(dict):
 
 def test_the_tracker_reads_only_the_headers_the_service_parses():
     from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
-    from fs_zammad.wire import HeaderFilter, parse_event_plain
+    from fs_zammad.wire import HeaderFilter
 
     RecordingHeaders.read = set()
     keep = HeaderFilter(HEADERS_READ, HEADER_PREFIXES_READ)
     for path in sorted(FIXTURES.glob("*/*/events*.txt")):
         events = list(iter_capture(path.read_bytes()))
         full = run([RecordingHeaders(h) for h in events])[1]
-        data = path.read_bytes()
         # the same stream parsed the service's way: only the headers read
-        filtered = []
-        pos = 0
-        while pos < len(data):
-            end = data.index(b"\n\n", pos)
-            length = int(data[pos:end].split(b"Content-Length: ")[1].split(b"\n")[0])
-            filtered.append(parse_event_plain(data[end + 2:end + 2 + length], keep))
-            pos = end + 2 + length
+        filtered = list(iter_capture(path.read_bytes(), keep))
         assert run(filtered)[1] == full, path
     unexpected = {n for n in RecordingHeaders.read
                   if n not in HEADERS_READ and not n.startswith(HEADER_PREFIXES_READ)}

@@ -42,14 +42,7 @@ def test_caller_abandons_the_queue(start_service, fake_fs, zammad):
 def test_pickup_and_forwarding(start_service, fake_fs, zammad):
     """Synthetic: 1002 picks up 1001's ringing phone; a second call is forwarded to a mobile."""
     start_service()
-    a = synth.caller()
-    ringing = synth.agent_leg(a, "1001")
-    picker = synth.agent_call("1002", dest="**1001")
-    events = [a.create(), a.execute("bridge"), ringing.create(), picker.create(),
-              picker.execute("intercept", a.uuid), ringing.hangup("PICKED_OFF", "send_cancel"),
-              a.answer(), a.bridge(picker)]
-    a.base["Caller-Caller-ID-Number"] = "1002"   # FreeSWITCH rewrites the caller after pickup
-    events += [a.hangup("NORMAL_CLEARING", "recv_bye"), picker.hangup("NORMAL_CLEARING")]
+    a, events = synth.picked_up_call()
     f = synth.caller(cid="4930555")
     mobile = synth.carrier_leg(f, dest="4917012345678")
     events += [f.create(), f.execute("bridge"), mobile.create(), mobile.answer(), f.bridge(mobile),
