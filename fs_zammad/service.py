@@ -71,8 +71,7 @@ class Service:
         self.settings = settings
         self.outbox = Outbox(outbox_path(settings), settings.outbox_max_events,
                              background_checkpoint=True)
-        calls = [Call.from_json(text) for text in self.outbox.load_calls()]
-        self.tracker = CallTracker(tracker_rules(settings), calls)
+        self.tracker = CallTracker(tracker_rules(settings), self._saved_calls())
         # One client and one delivery per Zammad system, each with its own
         # queue in the outbox: one tenant's outage never delays another's calls.
         clients = {"": DryRunClient()} if settings.dry_run else {
@@ -94,8 +93,17 @@ class Service:
         self._batch: list = []  # Zammad events not yet written (see on_event)
         self.stop_requested = Event()
         self.failed = False  # a worker died or the outbox cannot be written: exit 1
-        self.started = time.monotonic()
         metrics.bind(self)
+
+    def _saved_calls(self) -> list[Call]:
+        """Calls in progress at the last stop; an unreadable one is logged and skipped."""
+        calls = []
+        for text in self.outbox.load_calls():
+            try:
+                calls.append(Call.from_json(text))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("skipped a saved call the outbox cannot give back (%s): %.80s", exc, text)
+        return calls
 
     # -- event path (runs in the ESL processing greenlet: keep it quick) --------
 
