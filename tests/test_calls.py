@@ -409,3 +409,38 @@ def test_the_tracker_reads_only_the_headers_the_service_parses():
     unexpected = {n for n in RecordingHeaders.read
                   if n not in HEADERS_READ and not n.startswith(HEADER_PREFIXES_READ)}
     assert not unexpected
+
+
+DIRECTION_CASES = [
+    # (story, context the call enters in, leg FreeSWITCH creates, zammad_direction, direction sent)
+    ("carrier call to an agent", "public", "agent", "", "in"),
+    ("carrier call forwarded out", "public", "carrier", "", "in"),
+    ("agent dials out through the gateway", "default", "carrier", "", "out"),
+    ("agent calls agent", "default", "agent", "", None),
+    ("agent calls agent, dialplan says out", "default", "agent", "out", "out"),
+    ("agent calls agent, dialplan says in", "default", "agent", "in", "in"),
+    ("carrier call the dialplan ignores", "public", "agent", "ignore", None),
+    ("agent dials out, dialplan ignores", "default", "carrier", "ignore", None),
+]
+
+
+@pytest.mark.parametrize("story,context,leg,forced,expected", DIRECTION_CASES,
+                         ids=[c[0] for c in DIRECTION_CASES])
+def test_direction(story, context, leg, forced, expected):
+    a = synth.caller() if context == "public" else synth.agent_call()
+    if forced:
+        a.set(zammad_direction=forced)
+    b = synth.agent_leg(a, "1002", context=context) if leg == "agent" else synth.carrier_leg(a)
+    sent = run([a.create(), a.execute("bridge"), b.create(), b.hangup("NO_ANSWER"),
+                a.hangup("NO_ANSWER", "send_refuse")])[1]
+    assert {e.get("direction") for e in sent} == ({expected} if expected else set())
+    if expected:
+        assert [e.name for e in sent] == ["newCall", "hangup"]
+
+
+def test_external_contexts_are_configurable():
+    a = synth.agent_call()
+    rules = TrackerRules(external_contexts=frozenset({"public", "default"}))
+    sent = run([a.create(), a.execute("bridge"), a.hangup("NORMAL_CLEARING", "recv_cancel")],
+               CallTracker(rules))[1]
+    assert [e.get("direction") for e in sent] == ["in", "in"]
