@@ -188,7 +188,8 @@ def main(argv=None) -> int:
             if not events and not tracker.dirty:
                 continue
             t0 = time.perf_counter()
-            upserts, deletes = tracker.take_dirty()
+            upserts, deletes = tracker.dirty_rows()
+            tracker.dirty.clear()
             t1 = time.perf_counter()
             outbox.record(events, upserts, deletes)
             t2 = time.perf_counter()
@@ -226,7 +227,8 @@ def main(argv=None) -> int:
         events = []
         for h in call:
             events += tracker.handle(h, time.time())
-        outbox2.record(events, *tracker.take_dirty())
+        outbox2.record(events, *tracker.dirty_rows())
+        tracker.dirty.clear()
     res["track_and_persist_group_commit_us_per_call"] = per_call_us(time.perf_counter() - t_all)
     outbox2.close()
     import shutil

@@ -54,7 +54,7 @@ DIRECTIONS = ("in", "out", "ignore")
 #: about 30 of FreeSWITCH's ~150); tests/test_calls.py checks the list.
 HEADERS_READ = frozenset("""Event-Name Unique-ID Call-Direction Caller-Context Channel-Name
     Caller-Caller-ID-Number Caller-Orig-Caller-ID-Number Caller-Destination-Number
-    Caller-Channel-Answered-Time Answer-State Application Application-Data Hangup-Cause
+    Caller-Callee-ID-Number Caller-Channel-Answered-Time Answer-State Application Application-Data Hangup-Cause
     Other-Leg-Unique-ID Other-Leg-Direction Other-Leg-Channel-Name Other-Leg-Caller-ID-Number
     Other-Leg-Destination-Number variable_cc_agent variable_cc_queue
     variable_cc_member_session_uuid variable_originating_leg_uuid
@@ -278,8 +278,10 @@ class CallTracker:
                 events += self._owed(call)
         return events
 
-    def take_dirty(self) -> tuple[list[tuple[str, str]], list[str]]:
-        """The changed calls to save, ([(call_id, json)], [ended call_id]); clears ``dirty``."""
+    def dirty_rows(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """The changed calls to save: ([(call_id, json)], [ended call_id]).
+
+        The caller clears ``dirty`` once they are written."""
         upserts, deletes = [], []
         for call_id in self.dirty:
             call = self.calls.get(call_id)
@@ -287,7 +289,6 @@ class CallTracker:
                 deletes.append(call_id)
             else:
                 upserts.append((call_id, call.to_json()))
-        self.dirty.clear()
         return upserts, deletes
 
     def leg_ids(self) -> set[str]:

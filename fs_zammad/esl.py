@@ -39,7 +39,7 @@ log = logging.getLogger("fs_zammad.esl")
 #: Events read but not yet handled. FreeSWITCH itself queues up to 100,000
 #: events per connection (and drops a client only after 500 are lost), so
 #: making it wait costs nothing while memory here stays bounded.
-EVENT_BUFFER = 500
+EVENT_BUFFER = 2000
 
 
 
@@ -247,8 +247,10 @@ class EslSupervisor:
         conn = self._conn
         if conn is None or not conn.connected:
             raise EslError("not connected to FreeSWITCH")
+        # The reply is read behind the events already queued: allow for them.
+        timeout = self.timeout * (1 + self.backlog() / 500)
         try:
-            with gevent.Timeout(self.timeout, EslError(f"api {command.split()[0]} timed out")):
+            with gevent.Timeout(timeout, EslError(f"api {command.split()[0]} timed out")):
                 reply = conn.send(f"api {command}")
         except (NotConnectedError, OSError) as exc:
             raise EslError(f"connection lost during an api command ({exc or 'closed'})") from None

@@ -158,11 +158,13 @@ class Service:
         if not events and not tracker.dirty:
             return
         try:
-            refused = self.outbox.record(events, *tracker.take_dirty())
+            refused = self.outbox.record(events, *tracker.dirty_rows())
         except sqlite3.Error as exc:
             # Going on would lose these events: stop; the restart resyncs with FreeSWITCH.
+            self._batch = events
             self._fail(f"cannot write the outbox {self.outbox.path}: {exc}")
             return
+        tracker.dirty.clear()
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
             log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped "
@@ -244,17 +246,17 @@ class Service:
             log.warning("ZAMMAD_CTI_URL is not set: dry run, events are logged, not sent")
         gevent.signal_handler(signal.SIGTERM, self.stop_requested.set)
         gevent.signal_handler(signal.SIGINT, self.stop_requested.set)
-        workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop),
-                   gevent.spawn(self._checkpoint_loop)]
+        checkpointer = gevent.spawn(self._checkpoint_loop)
+        workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop), checkpointer]
         workers += [gevent.spawn(delivery.run) for delivery in self.deliveries.values()]
         for worker in workers:
             worker.link_exception(lambda g: self._fail(f"internal error: {g.exception!r}"))
         server = metrics.serve(self) if settings.metrics_port else None
         self.stop_requested.wait()
-        self._shutdown(workers, server)
+        self._shutdown(workers, server, checkpointer)
         return 1 if self.failed else 0
 
-    def _shutdown(self, workers, server) -> None:
+    def _shutdown(self, workers, server, checkpointer) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         log.info("stopping: no more events from FreeSWITCH; sending what is queued (up to "
                  "%.0f s)", self.settings.shutdown_timeout)
@@ -265,6 +267,9 @@ class Service:
             delivery.stop(deadline)          # 3. then cut the rest: it stays in the outbox
         if server is not None:
             server.stop(timeout=1)
+        # The checkpoint runs in an OS thread that a kill would not stop: let it
+        # finish (it ends by itself once stop is requested) before closing the file.
+        checkpointer.join(timeout=60)
         gevent.killall(workers, timeout=2)
         pending = self.outbox.recount()
         for delivery in self.deliveries.values():

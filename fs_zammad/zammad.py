@@ -33,6 +33,9 @@ from fs_zammad.config import redact_url
 
 log = logging.getLogger(__name__)
 
+#: Seconds a pooled connection may sit idle before it is not reused.
+KEEPALIVE_IDLE = 15.0
+
 DELIVERED, RETRY, ZAMMAD_DOWN, FAILED, MAYBE_SENT = (
     "delivered", "retry", "zammad_down", "failed", "maybe_sent")
 
@@ -141,6 +144,7 @@ class ZammadClient:
         self.session.mount("https://", adapter)
         token = url.rstrip("/").rpartition("/")[2]
         self._secrets = (token,) if token else ()
+        self._last_used = 0.0
 
     @property
     def redacted_url(self) -> str:
@@ -149,6 +153,12 @@ class ZammadClient:
     def post(self, fields: tuple[tuple[str, str], ...]) -> Outcome:
         event = dict(fields).get("event", "")
         started = time.monotonic()
+        if started - self._last_used > KEEPALIVE_IDLE:
+            # Zammad's servers close idle keep-alive connections (puma after
+            # 20 s); a request racing that close may or may not have been
+            # read, which would make a hangup unsure. Start afresh instead.
+            self.session.close()
+        self._last_used = started
         try:
             response = self.session.post(self.url, data=list(fields), timeout=self.timeout)
         except requests.RequestException as exc:

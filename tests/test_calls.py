@@ -444,3 +444,16 @@ def test_external_contexts_are_configurable():
     sent = run([a.create(), a.execute("bridge"), a.hangup("NORMAL_CLEARING", "recv_cancel")],
                CallTracker(rules))[1]
     assert [e.get("direction") for e in sent] == ["in", "in"]
+
+
+def test_every_header_name_in_the_tracker_source_is_parsed():
+    """Static twin of the replay check above: branches no capture reaches count too."""
+    import re
+
+    from fs_zammad import calls
+    from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
+
+    source = Path(calls.__file__).read_text()
+    names = set(re.findall(r'"((?:[A-Z][a-z]+-)+[A-Z][A-Za-z]*|variable_[a-z_]+)"', source))
+    missing = {n for n in names if n not in HEADERS_READ and not n.startswith(HEADER_PREFIXES_READ)}
+    assert not missing
