@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS calls (
 """
 
 HELD = "held: an earlier event of this call failed"
+WAL_RESET_FRAMES = 2000  # ~8 MB of WAL
 CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
 
 
@@ -100,9 +101,18 @@ class Outbox:
             self._checkpointer.close()
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database file; safe to call from another thread."""
+        """Copy the WAL into the database file; safe to call from another thread.
+
+        A passive checkpoint never waits for the writer, but under steady
+        load the writer never finds it complete, so the WAL (and its index,
+        mapped into memory) would keep growing: past WAL_RESET_FRAMES the
+        checkpoint waits for the writer once and truncates the WAL.
+        """
         if self._checkpointer is not None:
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            _busy, frames, _done = self._checkpointer.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames > WAL_RESET_FRAMES:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- writing --------------------------------------------------------
 

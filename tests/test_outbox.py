@@ -65,3 +65,16 @@ def test_cap_refuses_new_calls_but_not_the_end_of_known_ones(tmp_path):
     assert box.record([ev("c", "newCall"), ev("a", "hangup"), ev("c", "hangup")]) == 2
     assert box.pending == 3 and box.refused == 2
     assert {r.call_id for r in box.ready(10)} == {"a", "b"}
+
+
+def test_background_checkpoint_keeps_the_wal_small_under_steady_writes(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, background_checkpoint=True)
+    for i in range(3000):
+        box.record([ev(f"call-{i}", "newCall")])
+        box.delivered(box.ready(1)[0].id)
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 8_000_000   # no automatic checkpoint any more
+    box.checkpoint()
+    assert wal.stat().st_size == 0
+    box.close()
