@@ -78,3 +78,34 @@ def test_background_checkpoint_keeps_the_wal_small_under_steady_writes(tmp_path)
     box.checkpoint()
     assert wal.stat().st_size == 0
     box.close()
+
+
+def test_writes_go_on_while_a_checkpoint_truncates_in_another_thread(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from fs_zammad import outbox
+
+    monkeypatch.setattr(outbox, "WAL_RESET_FRAMES", 50)   # truncate often
+    box = Outbox(tmp_path / "o.sqlite3", background_checkpoint=True)
+    stop = threading.Event()
+    errors = []
+
+    def checkpoints():
+        while not stop.is_set():
+            try:
+                box.checkpoint()
+            except Exception as exc:  # noqa: BLE001 - any error fails the test below
+                errors.append(exc)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=checkpoints)
+    thread.start()
+    try:
+        for i in range(1500):
+            box.record([ev(f"call-{i}", "newCall")], [(f"call-{i}", "{}")])
+            box.delivered(box.ready(1)[0].id)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and box.pending == 0
