@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid
 
 from fs_zammad import __version__
 
@@ -123,13 +122,13 @@ def _check_zammad(settings, url: str) -> tuple[bool, str]:
     import re
     from urllib.parse import urlsplit
 
+    from fs_zammad.delivery import probe_fields
     from fs_zammad.zammad import ZammadClient
 
     client = ZammadClient(url, settings.zammad_timeout, settings.zammad_verify)
-    # An answer for a call Zammad never saw: proves URL, TLS, token and CTI
-    # settings without creating a line in the caller log.
-    probe = (("event", "answer"), ("direction", "in"),
-             ("callId", f"fs-zammad-check-{uuid.uuid4()}"))
+    # Delivery's probe proves URL, TLS, token and CTI settings without
+    # creating a line in the caller log.
+    probe = probe_fields("check")
     try:
         outcome = client.post(probe)
     finally:

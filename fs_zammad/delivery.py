@@ -45,10 +45,10 @@ def backoff(attempt: int, cap: float, base: float = 0.5, rng=random.random) -> f
     return delay * (0.5 + rng() / 2)
 
 
-def probe_fields() -> tuple[tuple[str, str], ...]:
-    """A request Zammad answers without storing anything (unknown callId)."""
+def probe_fields(purpose: str = "probe") -> tuple[tuple[str, str], ...]:
+    """A request Zammad answers without storing anything (an answer for an unknown callId)."""
     return (("event", "answer"), ("direction", "in"),
-            ("callId", f"fs-zammad-probe-{uuid.uuid4()}"))
+            ("callId", f"fs-zammad-{purpose}-{uuid.uuid4()}"))
 
 
 class Delivery:
