@@ -3,10 +3,18 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fs_zammad.config import VARIABLES, ConfigError, load_settings, redact_url
 from fs_zammad.numbers import to_e164
-from fs_zammad.wire import FrameError, iter_capture, parse_event_plain
+from fs_zammad.wire import (
+    FrameError,
+    HeaderFilter,
+    iter_capture,
+    iter_frames,
+    parse_event_plain,
+)
 from fs_zammad.zammad import DELIVERED, FAILED, RETRY, ZAMMAD_DOWN, classify, error_text
 
 ROOT = Path(__file__).parent.parent
@@ -93,6 +101,45 @@ def test_parse_event_plain_decodes_after_splitting():
     assert headers["Event-Name"] == "CUSTOM"
     assert headers["Caller-Caller-ID-Name"] == "Evil\nEvent-Name: FAKE"
     assert headers["Hangup-Cause"] == "USER_BUSY"
+
+
+def kept_the_slow_way(body: str, keep: HeaderFilter) -> dict:
+    """What the filtered parse must give: every header, then keep's choice."""
+    return {name: value for name, value in parse_event_plain(body)._raw.items() if keep(name)}
+
+
+def test_filtered_parse_keeps_what_the_filter_accepts_in_every_fixture():
+    from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
+
+    keep = HeaderFilter(HEADERS_READ, HEADER_PREFIXES_READ)
+    channel_events = 0
+    for path in sorted((ROOT / "tests/fixtures").glob("*/*/events*.txt")):
+        for head, body in iter_frames(path.read_bytes()):
+            if head.get("Content-Type") != "text/event-plain":
+                continue
+            filtered = parse_event_plain(body, keep)._raw
+            assert filtered == kept_the_slow_way(body.decode(), keep)
+            if filtered["Event-Name"].startswith("CHANNEL_"):
+                assert "Unique-ID" in filtered
+                channel_events += 1
+    assert channel_events > 500
+
+
+# Names that are prefixes of each other, and of the wanted ones, with the
+# characters a regex built from them could get wrong.
+NAMES = ["Event-Name", "Unique-ID", "Unique-ID-x", "Unique", "Application", "Application-Data",
+         "variable_zammad_", "variable_zammad_user", "variable_zammad", "variable_x.y",
+         "variable_a+b", "Other-Leg-Unique-ID", "a", "b: c"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(NAMES), st.text("ab%:. +\r", max_size=6)),
+                max_size=12),
+       st.sets(st.sampled_from(NAMES[:-1])), st.sets(st.sampled_from(["variable_zammad_",
+                                                                    "variable_", "Uni", "b"])))
+def test_filtered_parse_matches_the_filter_on_any_body(lines, names, prefixes):
+    keep = HeaderFilter(names, prefixes)
+    body = "Event-Name: X\n" + "".join(f"{name}: {value}\n" for name, value in lines)
+    assert parse_event_plain(body, keep)._raw == kept_the_slow_way(body, keep)
 
 
 @pytest.mark.parametrize("body", [b"no colon here\n\n", b"Unique-ID: x\n\n"])
