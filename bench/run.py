@@ -800,6 +800,8 @@ def build_rows(res: dict) -> list[tuple]:
     if ceil_end:
         for key, label in (("all", "naive forwarder (ALL, 57 frames)"),
                            ("sub", "same subscription (13 frames)")):
+            if key not in ceil or key not in ceil_end:  # a ceilings phase failed
+                continue
             drift = ceil_end[key]["cpu_s_per_1000_calls"] / ceil[key]["cpu_s_per_1000_calls"] - 1
             row(f"combined ceiling at the end of the run: {label} + 3 POSTs",
                 f"{ceil_end[key]['calls_per_s']:,.1f} calls/s; "

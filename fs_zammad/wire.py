@@ -73,6 +73,10 @@ class HeaderFilter:
     def __init__(self, names, prefixes=()):
         self.names = frozenset(names) | {"Event-Name"}
         self.prefixes = tuple(prefixes)
+        for word in (*self.names, *self.prefixes):
+            # A header name never holds these; the regex below relies on it.
+            if not word or any(c in word for c in (":", "\n", "\r", "\x00")):
+                raise ValueError(f"not a header name: {word!r}")
         words = [re.escape(name) for name in self.names]
         words += [re.escape(prefix) + _ANY_NAME_REST for prefix in self.prefixes]
         self.lines = re.compile(r"\n(" + _trie(words) + r"): ([^\n]*)")
@@ -110,7 +114,7 @@ def _trie(words: list[str]) -> str:
 
 
 def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None) -> EventHeaders:
-    """One event body -> headers (all, or those ``keep`` accepts).
+    """One event body -> headers (all, or those the HeaderFilter ``keep`` accepts).
 
     Raises FrameError when it has no Event-Name.
     """

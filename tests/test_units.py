@@ -129,17 +129,27 @@ def test_filtered_parse_keeps_what_the_filter_accepts_in_every_fixture():
 # characters a regex built from them could get wrong.
 NAMES = ["Event-Name", "Unique-ID", "Unique-ID-x", "Unique", "Application", "Application-Data",
          "variable_zammad_", "variable_zammad_user", "variable_zammad", "variable_x.y",
-         "variable_a+b", "Other-Leg-Unique-ID", "a", "b: c"]
+         "variable_a+b", "Other-Leg-Unique-ID", "a", "b: c", "no separator"]
+LINE = st.one_of(st.tuples(st.sampled_from(NAMES), st.text("ab%:. +\r", max_size=6)).map(
+    lambda nv: f"{nv[0]}: {nv[1]}"), st.text("ab:\r -", max_size=8))
 
 
-@given(st.lists(st.tuples(st.sampled_from(NAMES), st.text("ab%:. +\r", max_size=6)),
-                max_size=12),
-       st.sets(st.sampled_from(NAMES[:-1])), st.sets(st.sampled_from(["variable_zammad_",
-                                                                    "variable_", "Uni", "b"])))
-def test_filtered_parse_matches_the_filter_on_any_body(lines, names, prefixes):
+@given(st.lists(LINE, max_size=12), st.sets(st.sampled_from(NAMES[:-2])),
+       st.sets(st.sampled_from(["variable_zammad_", "variable_", "Uni", "b"])),
+       st.integers(0, 12))
+def test_filtered_parse_matches_the_filter_on_any_body(lines, names, prefixes, at):
     keep = HeaderFilter(names, prefixes)
-    body = "Event-Name: X\n" + "".join(f"{name}: {value}\n" for name, value in lines)
+    lines.insert(min(at, len(lines)), "Event-Name: X")  # anywhere, the first line too
+    body = "\n".join(lines)
     assert parse_event_plain(body, keep)._raw == kept_the_slow_way(body, keep)
+
+
+@pytest.mark.parametrize("word", ["", "a: b", "a\nb", "a\x00b"])
+def test_header_filter_refuses_what_is_no_header_name(word):
+    with pytest.raises(ValueError, match="not a header name"):
+        HeaderFilter([word])
+    with pytest.raises(ValueError, match="not a header name"):
+        HeaderFilter([], [word])
 
 
 @pytest.mark.parametrize("body", [b"no colon here\n\n", b"Unique-ID: x\n\n"])
