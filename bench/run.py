@@ -676,6 +676,10 @@ def combined(cal: dict, posts: dict, frames: int) -> dict:
     return {"calls_per_s": round(1 / per_call_s, 1), "cpu_s_per_1000_calls": round(cpu_ms, 3)}
 
 
+#: The two combined ceilings: (key in res["ceilings"], how the table names it).
+CEILINGS = (("all", "naive forwarder (ALL, 57 frames)"), ("sub", "same subscription (13 frames)"))
+
+
 def build_rows(res: dict) -> list[tuple]:
     rows = []
 
@@ -726,8 +730,7 @@ def build_rows(res: dict) -> list[tuple]:
             row(f"CPU per call vs bare ({label}){which}", text, f"≤ {TARGET_CPU_FACTOR}×",
                 ok(max(factors) <= TARGET_CPU_FACTOR))
 
-    for key, label in (("all", "naive forwarder (ALL, 57 frames)"),
-                       ("sub", "same subscription (13 frames)")):
+    for key, label in CEILINGS:
         if key in ceil:
             row(f"combined ceiling: {label} + 3 POSTs",
                 f"{ceil[key]['calls_per_s']:,.1f} calls/s; "
@@ -798,8 +801,7 @@ def build_rows(res: dict) -> list[tuple]:
             f"in {o['drain_s']} s); first 200 after {o['first_ok_after_recovery_s']} s "
             f"(retry backoff)")
     if ceil_end:
-        for key, label in (("all", "naive forwarder (ALL, 57 frames)"),
-                           ("sub", "same subscription (13 frames)")):
+        for key, label in CEILINGS:
             if key not in ceil or key not in ceil_end:  # a ceilings phase failed
                 continue
             drift = ceil_end[key]["cpu_s_per_1000_calls"] / ceil[key]["cpu_s_per_1000_calls"] - 1
