@@ -100,6 +100,9 @@ class ZammadEvent:
     call_id: str
     fields: tuple[tuple[str, str], ...]
     instance: str = ""  # which Zammad system (ZAMMAD_INSTANCES); "" = ZAMMAD_CTI_URL
+    #: A second copy would change what Zammad shows: the hangup of an inbound
+    #: call nobody answered (see :func:`hangup_sent_once`).
+    once: bool = False
 
     @property
     def name(self) -> str:
@@ -599,7 +602,9 @@ class CallTracker:
             fields.append(("cause", self._cause(call)))
         if queue:
             fields.append(("queue", queue))
-        return ZammadEvent(call.call_id, tuple(fields), call.instance or "")
+        once = name == "hangup" and hangup_sent_once(call.direction, "answer" in call.sent,
+                                                     dict(fields)["cause"])
+        return ZammadEvent(call.call_id, tuple(fields), call.instance or "", once)
 
     def _cause(self, call: Call) -> str:
         end = call.root_end
@@ -616,6 +621,19 @@ class CallTracker:
             last_bridge_cause=end.get("last_bridge", ""),
             other_leg_causes=tuple(causes),
         ), self.rules.cause_mapper)
+
+
+def hangup_sent_once(direction: str, answer_sent: bool, cause: str) -> bool:
+    """Would a second copy of this hangup change what Zammad shows?
+
+    Zammad marks an inbound call missed (``done=false``) when its hangup
+    arrives while the call is still in state ``newCall`` and the cause is
+    not ``forwarded``; a second hangup then finds state ``hangup`` and sets
+    ``done=true``: the missed call shows as done. Only that kind of call
+    is harmed; every other hangup may be sent again freely.
+    (``shared/reference/zammad-cti-api.md``, "Missed-call rule".)
+    """
+    return direction == "in" and not answer_sent and cause != "forwarded"
 
 
 def channels_to_headers(rows: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:

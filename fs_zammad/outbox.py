@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_at REAL NOT NULL DEFAULT 0,
     sending INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending',
-    last_error TEXT
+    last_error TEXT,
+    once INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_by_call ON outbox (call_id, id);
 CREATE INDEX IF NOT EXISTS outbox_by_instance ON outbox (instance, state, id);
@@ -59,6 +60,7 @@ class Row:
     fields: tuple[tuple[str, str], ...]
     created: float
     attempts: int
+    once: bool = False  # a second copy would harm: see calls.hangup_sent_once
 
 
 class Outbox:
@@ -82,12 +84,21 @@ class Outbox:
             self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
                                                  check_same_thread=False)
         self.db.executescript(SCHEMA)
+        self._add_once_column()
         self.refused = 0
         self._refused_calls: set[str] = set()
         # A hangup cut off by a crash may have reached Zammad: never resend it blindly.
         self.db.execute("UPDATE outbox SET state='unsure', sending=0, last_error=? "
                         "WHERE state='pending' AND sending=1", (CUT_OFF,))
         self.recount()
+
+    def _add_once_column(self) -> None:
+        """Outboxes written before the ``once`` column: a hangup there may be of
+        the harmful kind, and nothing tells which, so each counts as one."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(outbox)")}
+        if "once" not in columns:
+            self.db.execute("ALTER TABLE outbox ADD COLUMN once INTEGER NOT NULL DEFAULT 0")
+            self.db.execute("UPDATE outbox SET once=1 WHERE event='hangup'")
 
     def recount(self) -> int:
         """Re-read the pending count (``outbox retry`` may run in another process)."""
@@ -141,9 +152,10 @@ class Outbox:
                                   (event.call_id,)).fetchone()
                 db.execute(
                     "INSERT INTO outbox (call_id, instance, event, fields, created, state, "
-                    "last_error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "last_error, once) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (event.call_id, event.instance, event.name, json.dumps(event.fields), now,
-                     "failed" if held else "pending", HELD if held else None))
+                     "failed" if held else "pending", HELD if held else None,
+                     int(event.once)))
                 if not held:
                     self.pending += 1
             if upsert_calls:
@@ -202,12 +214,13 @@ class Outbox:
         now = time.time() if now is None else now
         skip = set(skip_ids)
         rows = self.db.execute(
-            "SELECT id, call_id, event, fields, created, attempts FROM outbox AS o "
+            "SELECT id, call_id, event, fields, created, attempts, once FROM outbox AS o "
             "WHERE instance=? AND state='pending' AND next_at<=? AND NOT EXISTS ("
             "  SELECT 1 FROM outbox AS p WHERE p.call_id=o.call_id AND p.id<o.id"
             "  AND p.state='pending') "
             "ORDER BY id LIMIT ?", (instance, now, limit + len(skip))).fetchall()
-        return [Row(r[0], r[1], r[2], tuple(tuple(p) for p in json.loads(r[3])), r[4], r[5])
+        return [Row(r[0], r[1], r[2], tuple(tuple(p) for p in json.loads(r[3])), r[4], r[5],
+                    bool(r[6]))
                 for r in rows if r[0] not in skip][:limit]
 
     def next_due(self, instance: str = "") -> float | None:

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from fs_zammad.calls import Call, CallTracker, TrackerRules, channels_to_headers
+from fs_zammad.calls import (
+    Call,
+    CallTracker,
+    TrackerRules,
+    channels_to_headers,
+    hangup_sent_once,
+)
 from fs_zammad.wire import iter_capture
 from tests import synth
 
@@ -67,6 +73,9 @@ def test_recorded_scenario(scenario):
     assert {e.call_id for e in sent} <= {a_leg}
     assert all(e.get("callId") == a_leg for e in sent)
     assert tracker.calls == {}  # nothing left over
+    # Only the hangup of an inbound call nobody answered must never go out twice.
+    missed = scenario in ("S3", "S4", "S5", "S6")
+    assert [e.name for e in sent if e.once] == (["hangup"] if missed else [])
 
 
 @pytest.mark.parametrize("scenario", ["S1", "S5", "S15", "S17"])
@@ -457,3 +466,18 @@ def test_every_header_name_in_the_tracker_source_is_parsed():
     names = set(re.findall(r'"((?:[A-Z][a-z]+-)+[A-Z][A-Za-z]*|variable_[a-z_]+)"', source))
     missing = {n for n in names if n not in HEADERS_READ and not n.startswith(HEADER_PREFIXES_READ)}
     assert not missing
+
+
+@pytest.mark.parametrize("direction, answer_sent, cause, once", [
+    ("in", False, "cancel", True),           # missed: a second hangup would mark it done
+    ("in", False, "busy", True),
+    ("in", False, "noAnswer", True),
+    ("in", False, "normalClearing", True),   # unanswered, whatever the cause string says
+    ("in", False, "forwarded", False),       # forwarded is never missed
+    ("in", True, "normalClearing", False),   # answered (a person or the mailbox)
+    ("in", True, "voicemail", False),
+    ("out", False, "busy", False),           # outbound calls are always done
+    ("out", True, "normalClearing", False),
+])
+def test_which_hangups_a_second_copy_would_harm(direction, answer_sent, cause, once):
+    assert hangup_sent_once(direction, answer_sent, cause) is once

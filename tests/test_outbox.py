@@ -109,3 +109,32 @@ def test_writes_go_on_while_a_checkpoint_truncates_in_another_thread(tmp_path, m
         stop.set()
         thread.join()
     assert errors == [] and box.pending == 0
+
+
+def test_once_flag_is_stored_and_read_back(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3")
+    once = ZammadEvent("a", (("event", "hangup"), ("direction", "in"), ("callId", "a")), "", True)
+    box.record([ev("a", "newCall"), once, ev("b", "newCall")])
+    assert [(r.call_id, r.event, r.once) for r in box.ready(10)] == [
+        ("a", "newCall", False), ("b", "newCall", False)]
+    box.delivered(box.ready(1)[0].id)
+    assert [(r.event, r.once) for r in box.ready(10) if r.call_id == "a"] == [("hangup", True)]
+
+
+def test_outbox_from_before_the_once_column_treats_every_hangup_as_once(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,
+        call_id TEXT NOT NULL, instance TEXT NOT NULL DEFAULT '', event TEXT NOT NULL,
+        fields TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL DEFAULT 0, sending INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'pending', last_error TEXT);
+        INSERT INTO outbox (call_id, event, fields, created) VALUES
+            ('x', 'hangup', '[["event","hangup"]]', 1), ('y', 'newCall', '[["event","newCall"]]', 1);
+    """)
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    assert sorted((r.call_id, r.once) for r in box.ready(10)) == [("x", True), ("y", False)]
