@@ -5,9 +5,12 @@ greenswitch speaks the protocol; this module covers what it leaves out
 
 * a fresh ``InboundESL`` for every attempt, since one never reconnects;
 * ``gevent.Timeout`` around connect, auth, subscribe and every command;
-* its reader replaced where it breaks: an event body is parsed by
+* its reader replaced where it breaks: every frame head line, the number of
+  head lines and every body are bounded (greenswitch's ``readline()`` has no
+  limit: 64 MB without a newline cost 230 MB), and going past a bound is a
+  framing error that rebuilds the connection; an event body is parsed by
   :mod:`fs_zammad.wire` (decode after splitting lines), a frame cut short by
-  EOF ends the connection instead of spinning, a malformed frame is logged
+  EOF ends the connection instead of spinning, a malformed event is logged
   and skipped, and any reader error ends the connection instead of leaving
   ``connected=True`` on a dead socket;
 * events still queued inside greenswitch when the socket drops are handed
@@ -32,7 +35,7 @@ import gevent
 from gevent.queue import Empty, Queue
 from greenswitch.esl import InboundESL, NotConnectedError
 
-from fs_zammad.wire import FrameError, parse_event_plain
+from fs_zammad.wire import FrameError, parse_event_plain, split_frame_head
 
 log = logging.getLogger("fs_zammad.esl")
 
@@ -41,6 +44,18 @@ log = logging.getLogger("fs_zammad.esl")
 #: making it wait costs nothing while memory here stays bounded.
 EVENT_BUFFER = 2000
 
+#: Bounds on what one frame may hold; beyond them the stream is not ESL (or is
+#: corrupt) and the connection is rebuilt. A frame head is a few short lines
+#: (Content-Type, Content-Length, Reply-Text, Job-UUID).
+MAX_HEAD_LINE = 8 * 1024
+MAX_HEAD_LINES = 64
+#: A text/event-plain event is 5-25 KB (about 150 headers); 1 MB leaves room
+#: for 40 times that (long SIP headers, big channel variables) while a queue
+#: of EVENT_BUFFER events stays far below the machine's memory.
+MAX_EVENT_BODY = 1024 * 1024
+#: An api/response we asked for: ``show channels as json`` is ~2 KB a channel,
+#: so 16 MB is about 8,000 channels at once.
+MAX_API_BODY = 16 * 1024 * 1024
 
 
 class EslError(Exception):
@@ -70,8 +85,18 @@ class _InOrder:
         self.function = function
 
 
+class _Frame:
+    """One frame head as greenswitch's handle_event expects it (it sets ``data``)."""
+
+    __slots__ = ("headers", "data")
+
+    def __init__(self, headers: dict[str, str]):
+        self.headers = headers
+        self.data = None
+
+
 class _Connection(InboundESL):
-    """greenswitch's InboundESL with a reader that cannot hang or spin."""
+    """greenswitch's InboundESL with a reader that cannot hang, spin or bloat."""
 
     def __init__(self, host, port, password, timeout, on_broken, keep=None):
         super().__init__(host, port, password, timeout=timeout)
@@ -84,7 +109,14 @@ class _Connection(InboundESL):
 
     def receive_events(self):
         try:
-            super().receive_events()
+            while self._run:
+                head = self._read_head()
+                if head is None:
+                    break
+                self.handle_event(_Frame(split_frame_head(head)))
+        except FrameError as exc:
+            self.disconnect_reason = (f"framing error, not an event socket stream ({exc}): "
+                                      "is FREESWITCH_PORT mod_event_socket's port?")[:300]
         except Exception as exc:  # greenswitch's reader would die silently
             self.disconnect_reason = f"reader stopped: {type(exc).__name__}: {exc}"[:200]
         finally:
@@ -96,9 +128,31 @@ class _Connection(InboundESL):
                     pending.set_exception(NotConnectedError("connection lost"))
             self._on_broken()
 
+    def _read_head(self) -> bytes | None:
+        """The head lines of the next frame (None at EOF), each line and their
+        number bounded: ``readline(limit)`` never holds more than a line's bound."""
+        lines: list[bytes] = []
+        while True:
+            line = self.sock_file.readline(MAX_HEAD_LINE + 1)
+            if not line:
+                if lines:
+                    raise EOFError("connection closed inside a frame head")
+                return None
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_HEAD_LINE:
+                    raise FrameError(f"a frame head line longer than {MAX_HEAD_LINE} bytes")
+                raise EOFError("connection closed inside a frame head")
+            if line in (b"\n", b"\r\n"):
+                if lines:
+                    return b"".join(lines)
+                continue  # blank lines between frames
+            if len(lines) == MAX_HEAD_LINES:
+                raise FrameError(f"a frame head of more than {MAX_HEAD_LINES} lines")
+            lines.append(line)
+
     @staticmethod
     def _read_socket(sock, length):
-        data = b""
+        data = bytearray()
         while len(data) < length:
             chunk = sock.read(length - len(data))
             if not chunk:
@@ -111,7 +165,7 @@ class _Connection(InboundESL):
         content_type = headers.get("Content-Type")
         if content_type in ("text/event-plain", "text/event-json", "log/data") or (
                 content_type is None and "Content-Length" in headers):
-            body = self._read_socket(self.sock_file, self._length(headers))
+            body = self._read_socket(self.sock_file, self._length(headers, MAX_EVENT_BODY))
             if content_type != "text/event-plain":
                 log.warning("skipped a frame of type %s from FreeSWITCH", content_type or "(none)")
                 return
@@ -140,20 +194,22 @@ class _Connection(InboundESL):
             if content_type != "auth/request" and not self._commands_sent:
                 log.warning("skipped an unexpected %s from FreeSWITCH", content_type)
                 if content_type == "api/response":
-                    self._read_socket(self.sock_file, self._length(headers))
+                    self._read_socket(self.sock_file, self._length(headers, MAX_API_BODY))
                 return
+            if content_type == "api/response":
+                self._length(headers, MAX_API_BODY)  # greenswitch reads the body unbounded
             super().handle_event(event)
             return
         log.warning("skipped a frame with unknown Content-Type %r", content_type)
 
     @staticmethod
-    def _length(headers) -> int:
-        try:
-            length = int(headers.get("Content-Length", "0"))
-        except ValueError:
-            raise FrameError(f"bad Content-Length {headers.get('Content-Length')!r}") from None
-        if length < 0 or length > 16 * 1024 * 1024:
-            raise FrameError(f"implausible Content-Length {length}")
+    def _length(headers, limit: int = MAX_EVENT_BODY) -> int:
+        text = headers.get("Content-Length", "0")
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+            raise FrameError(f"bad Content-Length {text[:40]!r}")
+        length = int(text)
+        if length > limit:
+            raise FrameError(f"Content-Length {length} over the {limit}-byte bound")
         return length
 
     def close(self) -> None:

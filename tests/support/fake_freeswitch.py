@@ -443,12 +443,26 @@ class FakeFreeSwitch:
             ("Idle-CPU", "98.800000"),
         ])
 
-    def send_raw(self, data: bytes) -> int:
-        """Write ``data`` unchanged to every open connection (malformed-frame tests)."""
+    def send_raw(self, data: bytes | Iterable[bytes]) -> int:
+        """Write ``data`` unchanged to every open connection (malformed-frame tests).
+
+        ``data`` may be an iterable of chunks (even an endless generator): they
+        are written one after the other until the client stops taking them
+        (closes the connection), so a test can send 64 MB or an endless frame
+        head without holding it in memory. Returns how many clients took it all.
+        """
+        chunks = [data] if isinstance(data, (bytes, bytearray)) else data
+        clients = self._snapshot()
+        if not isinstance(data, (bytes, bytearray)) and len(clients) > 1:
+            raise ValueError("send_raw: a chunk iterable can feed one connection only")
         count = 0
-        for client in self._snapshot():
-            if client.send(data):
+        for client in clients:
+            with client.send_lock:
+                ok = all(client.send_locked(chunk) for chunk in chunks)
+            if ok:
                 count += 1
+            else:
+                self._request_close(client)
         return count
 
     # ---------------------------------------------------------- fault injection

@@ -1,0 +1,95 @@
+"""Bad input from FreeSWITCH stays small and harmless (issue 11, point 8).
+
+The real process against a fake FreeSWITCH that sends frames no event socket
+would: a line that never ends, a Content-Length of gigabytes, a frame head
+that never ends. Each is a framing error: one log line, the connection is
+rebuilt, memory stays bounded, the calls around it end right in Zammad.
+"""
+
+import itertools
+
+import pytest
+
+from fs_zammad.esl import MAX_EVENT_BODY, MAX_HEAD_LINE, MAX_HEAD_LINES
+from tests.test_e2e import answered, emit_all, sentinel_call
+from tests.test_faults import answered_call, assert_caller_log, channels_json, missed_call
+
+MB = 1024 * 1024
+
+
+def _repeat(chunk: bytes, total: int):
+    """``total`` bytes as chunks of ``chunk`` (None: endless)."""
+    counter = itertools.count() if total is None else range(total // len(chunk))
+    return (chunk for _ in counter)
+
+
+def _endless_head():
+    line = b"X-Padding: " + b"a" * 100 + b"\n"
+    yield b"Content-Type: text/event-plain\n"
+    yield from _repeat(line * 600, None)
+
+
+def _body_over_the_bound():
+    yield b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % (MAX_EVENT_BODY + 1)
+    yield b"Event-Name: CHANNEL_CREATE\n" + b"X" * MAX_EVENT_BODY
+
+
+# name -> (bytes FreeSWITCH sends, what the log line says)
+BAD_STREAMS = {
+    "64 MB line without a newline": (lambda: _repeat(b"A" * MB, 64 * MB),
+                                     f"longer than {MAX_HEAD_LINE} bytes"),
+    "64 MB head line inside a frame": (
+        lambda: itertools.chain([b"Content-Type: text/event-plain\nX-Big: "],
+                                _repeat(b"b" * MB, 64 * MB)),
+        f"longer than {MAX_HEAD_LINE} bytes"),
+    "huge Content-Length": (
+        lambda: itertools.chain([b"Content-Length: 4000000000\nContent-Type: text/event-plain\n\n"],
+                                _repeat(b"c" * MB, 64 * MB)),
+        "Content-Length 4000000000 over"),
+    "Content-Length of 30 digits": (
+        lambda: [b"Content-Length: " + b"9" * 30 + b"\nContent-Type: text/event-plain\n\n"],
+        "bad Content-Length"),
+    "body one byte over the bound": (_body_over_the_bound, "over the"),
+    "frame head with endless lines": (_endless_head, f"more than {MAX_HEAD_LINES} lines"),
+}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STREAMS))
+def test_oversized_frames_rebuild_the_connection_with_bounded_memory(
+        case, start_service, fake_fs, zammad):
+    stream, reason = BAD_STREAMS[case]
+    service = start_service()
+    talking, agent, start, end = answered_call("4931100000")
+    emit_all(fake_fs, start)
+    zammad.wait_for(lambda: len(answered(zammad, talking.uuid)) == 2)
+    # The call is still up when the connection comes back.
+    fake_fs.api_responses["show channels as json"] = channels_json((talking, None, True),
+                                                                   (agent, talking, True))
+    before = fake_fs.connections_total
+
+    fake_fs.send_raw(stream())
+
+    service.wait_for_log("lost FreeSWITCH.*framing error")
+    fake_fs.wait_for_subscription(after=before, timeout=15)
+    missed, missed_events = missed_call("4931200000")
+    emit_all(fake_fs, end + missed_events)
+    sentinel = sentinel_call(fake_fs, zammad)
+    zammad.wait_for(lambda: sum(e["hangups"] for e in zammad.caller_log()) >= 3)
+    assert_caller_log(zammad, {talking.uuid: ("normalClearing", False, "1001"),
+                               missed.uuid: ("cancel", True, None),
+                               sentinel: ("cancel", True, None)})
+    framing = [line for line in service.lines if "framing error" in line]
+    assert len(framing) == 1 and reason in framing[0], framing
+    assert "Traceback" not in service.log
+    # A generous bound: the service idles at ~40 MB; reading the 64 MB line
+    # whole cost 230 MB before the bounds.
+    assert peak_rss_mb(service.proc.pid) < 120
