@@ -9,6 +9,14 @@ legs bridged in later by pickup or attended transfer. The call ends when its
 last leg has hung up, so the cause can use everything the legs reported, and
 an agent hanging up first, a transfer or a lost ring-group race ends nothing.
 
+Events arrive in any order and some twice (a reconnect, a replay). A leg
+seen before the leg it belongs to (a B-leg, or the inbound half of a loopback
+a call started: ``other_loopback_from_uuid``) waits in a placeholder call
+keyed by that leg's uuid. Legs of finished calls are remembered
+(FINISHED_MEMORY): their late events, and any new leg that names one of them
+as its parent, are dropped, so replayed events or the hangups alone of a call
+never make a second Zammad call (nor a B-leg a call of its own).
+
 The Zammad call id is the root leg's uuid. What Zammad is owed is derived
 from the call's state by :meth:`CallTracker._owed`: ``newCall`` once the
 direction is known and the call is routed, ``answer`` once a person (or
@@ -212,7 +220,8 @@ class CallTracker:
             return []
         call = self._call_of(uuid)
         if call is None:
-            if uuid in self._finished:
+            if uuid in self._finished or self._parent_finished(headers):
+                self._remember_finished(uuid)
                 return []
             call = self._new_leg(headers, now)
         leg = call.legs[uuid]
@@ -314,6 +323,13 @@ class CallTracker:
         call_id = self._leg_call.get(uuid)
         return self.calls.get(call_id) if call_id else None
 
+    def _parent_finished(self, h: Headers) -> bool:
+        """A leg of a call already ended (its late or replayed events, or only
+        its hangup): it must not start a Zammad call of its own."""
+        keys = _PARENT_KEYS + (("Other-Leg-Unique-ID",) if h.get("Call-Direction") ==
+                               "outbound" else ())
+        return any(_h(h, key) in self._finished for key in keys if _h(h, key))
+
     def _adopt(self, call: Call) -> None:
         self.calls[call.call_id] = call
         for uuid in call.legs:
@@ -335,7 +351,7 @@ class CallTracker:
                            "Caller-Callee-ID-Number")
         else:
             leg.party = _h(h, "variable_user_name", "Caller-Caller-ID-Number")
-        if parent is None and outbound:
+        if parent is None and (outbound or _h(h, "variable_other_loopback_from_uuid")):
             parent = self._placeholder(h, now)
         if parent is not None:
             parent.legs[uuid] = leg
@@ -370,9 +386,14 @@ class CallTracker:
             call.company_number = _h(h, "Caller-Caller-ID-Number")
 
     def _placeholder(self, h: Headers, now: float) -> Call | None:
-        """A B-leg whose A-leg has not been seen yet (events can overtake each other)."""
-        parent_uuid = next((_h(h, key) for key in _PARENT_KEYS + ("Other-Leg-Unique-ID",)
-                            if _h(h, key)), "")
+        """A B-leg whose A-leg has not been seen yet (events can overtake each other).
+
+        The inbound half of a loopback started by a call waits for that call
+        (``other_loopback_from_uuid``), not for its own outbound half.
+        """
+        keys = _PARENT_KEYS + ("Other-Leg-Unique-ID",) if h.get("Call-Direction") == \
+            "outbound" else ("variable_other_loopback_from_uuid",)
+        parent_uuid = next((_h(h, key) for key in keys if _h(h, key)), "")
         if not parent_uuid or parent_uuid in self._finished:
             return None
         call = Call(call_id=parent_uuid, started=now,
