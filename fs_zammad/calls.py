@@ -38,7 +38,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Mapping
 
 from fs_zammad.causes import CallEnd, call_cause, cause_to_zammad
-from fs_zammad.numbers import to_e164
+from fs_zammad.numbers import clean_fields, to_e164
 
 Headers = Mapping[str, str]
 
@@ -208,6 +208,7 @@ class CallTracker:
         # not start a second Zammad call with the same id.
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.dirty: set[str] = set()
+        self._cleaned_logged: set[tuple[str, str]] = set()  # (field, problem) already logged
         for call in calls:
             self._adopt(call)
 
@@ -606,7 +607,7 @@ class CallTracker:
         else:
             from_, to = call.local_user, call.out_to or call.dialed
         fields = [("event", name), ("direction", call.direction), ("callId", call.call_id),
-                  ("from", self._number(from_)), ("to", self._number(to))]
+                  ("from", from_), ("to", to)]
         queue = call.queue if self.rules.queue_keep_domain else _strip_domain(call.queue)
         if name == "newCall":
             user = call.user or (call.local_user if call.direction == "out" else "")
@@ -623,9 +624,21 @@ class CallTracker:
             fields.append(("cause", self._cause(call)))
         if queue:
             fields.append(("queue", queue))
+        fields, problems = clean_fields(fields, self._number)
+        for field_name, problem in problems:
+            self._log_cleaned(call.call_id, field_name, problem)
         once = name == "hangup" and hangup_sent_once(call.direction, "answer" in call.sent,
                                                      dict(fields)["cause"])
-        return ZammadEvent(call.call_id, tuple(fields), call.instance or "", once)
+        return ZammadEvent(dict(fields)["callId"], tuple(fields), call.instance or "", once)
+
+    def _log_cleaned(self, call_id: str, field_name: str, problem: str) -> None:
+        """Once per field and problem: a bad PBX setting would repeat it on every call."""
+        if (field_name, problem) in self._cleaned_logged:
+            return
+        self._cleaned_logged.add((field_name, problem))
+        log.warning("FreeSWITCH gave %s with %s (call %r): sent to Zammad cleaned (see README, "
+                    "'What Zammad receives'); check the caller ids and zammad_* variables the "
+                    "trunk and dialplan set. Logged once.", field_name, problem, call_id[:60])
 
     def _cause(self, call: Call) -> str:
         end = call.root_end

@@ -93,3 +93,20 @@ def test_oversized_frames_rebuild_the_connection_with_bounded_memory(
     # A generous bound: the service idles at ~40 MB; reading the 64 MB line
     # whole cost 230 MB before the bounds.
     assert peak_rss_mb(service.proc.pid) < 120
+
+
+def test_numbers_with_control_characters_or_overlong_reach_zammad_cleaned(start_service,
+                                                                          fake_fs, zammad):
+    service = start_service()
+    calls = []
+    for i in range(3):
+        call, events = missed_call(f"4930\x00{i}\n\x1b[2J" + "7" * 150)
+        emit_all(fake_fs, events)
+        calls.append(call)
+    zammad.wait_for(lambda: sum(e["hangups"] for e in zammad.caller_log()) == 3)
+    assert_caller_log(zammad, {call.uuid: ("cancel", True, None) for call in calls})
+    numbers = {e["callId"]: e["from"] for e in zammad.caller_log()}
+    assert numbers == {call.uuid: f"4930{i}[2J" + "7" * 92 for i, call in enumerate(calls)}
+    cleaned = [line for line in service.lines if "sent to Zammad cleaned" in line]
+    assert len(cleaned) == 2, cleaned   # from: control characters, from: too long; once each
+    assert "Traceback" not in service.log
