@@ -18,6 +18,12 @@ from collections.abc import Mapping
 from typing import Iterator
 from urllib.parse import unquote
 
+#: A header value is cut here (URL-encoded length): fs_zammad reads numbers,
+#: names, causes and application names, Zammad stores at most 250 characters
+#: of any of them, and every event queued or call saved holds its values, so
+#: a 900 KB caller id must not be kept whole.
+MAX_VALUE = 1024
+
 
 class FrameError(ValueError):
     """Bytes that are not a valid ESL frame or event."""
@@ -126,7 +132,7 @@ def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None) -> Ev
     lines = _LINE.findall(body) if keep is None else keep.lines.findall("\n" + body)
     for name, value in lines:
         if name not in raw:
-            raw[name] = value
+            raw[name] = value[:MAX_VALUE]
     if "Event-Name" not in raw:
         stray = next((line for line in body.split("\n") if line and ": " not in line), "")
         raise FrameError(f"event line without 'Name: value': {stray[:60]!r}" if stray

@@ -10,7 +10,9 @@ import itertools
 
 import pytest
 
+from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
 from fs_zammad.esl import MAX_EVENT_BODY, MAX_HEAD_LINE, MAX_HEAD_LINES
+from fs_zammad.wire import MAX_VALUE, HeaderFilter, parse_event_plain
 from tests.test_e2e import answered, emit_all, sentinel_call
 from tests.test_faults import answered_call, assert_caller_log, channels_json, missed_call
 
@@ -110,3 +112,16 @@ def test_numbers_with_control_characters_or_overlong_reach_zammad_cleaned(start_
     cleaned = [line for line in service.lines if "sent to Zammad cleaned" in line]
     assert len(cleaned) == 2, cleaned   # from: control characters, from: too long; once each
     assert "Traceback" not in service.log
+
+
+@pytest.mark.parametrize("keep", [None, HeaderFilter(HEADERS_READ, HEADER_PREFIXES_READ)])
+@pytest.mark.parametrize("name", ["Caller-Caller-ID-Number", "variable_zammad_user",
+                                  "Application-Data"])
+def test_a_huge_header_value_is_kept_small(keep, name):
+    """A value within the body bound but far beyond any field: an event queued
+    or a call saved holds at most MAX_VALUE of it."""
+    body = (f"Event-Name: CHANNEL_CREATE\nUnique-ID: u-1\n{name}: " + "%41" * 300_000
+            + "\nCall-Direction: inbound\n")
+    headers = parse_event_plain(body, keep)
+    assert len(headers[name]) <= MAX_VALUE
+    assert (headers["Unique-ID"], headers["Call-Direction"]) == ("u-1", "inbound")
