@@ -50,8 +50,9 @@ EVENT_BUFFER = 2000
 MAX_HEAD_LINE = 8 * 1024
 MAX_HEAD_LINES = 64
 #: A text/event-plain event is 5-25 KB (about 150 headers); 1 MB leaves room
-#: for 40 times that (long SIP headers, big channel variables) while a queue
-#: of EVENT_BUFFER events stays far below the machine's memory.
+#: for 40 times that (long SIP headers, big channel variables). Only one body
+#: is held at a time: a queued event keeps just the headers read, each cut at
+#: wire.MAX_VALUE.
 MAX_EVENT_BODY = 1024 * 1024
 #: An api/response we asked for: ``show channels as json`` is ~2 KB a channel,
 #: so 16 MB is about 8,000 channels at once.
