@@ -116,8 +116,8 @@ class _Connection(InboundESL):
                     break
                 self.handle_event(_Frame(split_frame_head(head)))
         except FrameError as exc:
-            self.disconnect_reason = (f"framing error, not an event socket stream ({exc}): "
-                                      "is FREESWITCH_PORT mod_event_socket's port?")[:300]
+            self.disconnect_reason = (f"framing error ({exc}); if it repeats, check that "
+                                      "FREESWITCH_PORT is mod_event_socket's port")[:300]
         except Exception as exc:  # greenswitch's reader would die silently
             self.disconnect_reason = f"reader stopped: {type(exc).__name__}: {exc}"[:200]
         finally:

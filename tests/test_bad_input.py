@@ -52,6 +52,10 @@ BAD_STREAMS = {
         lambda: [b"Content-Length: " + b"9" * 30 + b"\nContent-Type: text/event-plain\n\n"],
         "bad Content-Length"),
     "body one byte over the bound": (_body_over_the_bound, "over the"),
+    "api/response of 4 GB": (
+        lambda: itertools.chain([b"Content-Type: api/response\nContent-Length: 4000000000\n\n"],
+                                _repeat(b"d" * MB, 64 * MB)),
+        "Content-Length 4000000000 over"),
     "frame head with endless lines": (_endless_head, f"more than {MAX_HEAD_LINES} lines"),
 }
 
