@@ -35,7 +35,7 @@ import gevent
 from gevent.queue import Empty, Queue
 from greenswitch.esl import InboundESL, NotConnectedError
 
-from fs_zammad.wire import FrameError, parse_event_plain, split_frame_head
+from fs_zammad.wire import FrameError, parse_event_plain, split_frame_head_line
 
 log = logging.getLogger("fs_zammad.esl")
 
@@ -114,7 +114,7 @@ class _Connection(InboundESL):
                 head = self._read_head()
                 if head is None:
                     break
-                self.handle_event(_Frame(split_frame_head(head)))
+                self.handle_event(_Frame(head))
         except FrameError as exc:
             self.disconnect_reason = (f"framing error ({exc}); if it repeats, check that "
                                       "FREESWITCH_PORT is mod_event_socket's port")[:300]
@@ -129,10 +129,11 @@ class _Connection(InboundESL):
                     pending.set_exception(NotConnectedError("connection lost"))
             self._on_broken()
 
-    def _read_head(self) -> bytes | None:
-        """The head lines of the next frame (None at EOF), each line and their
-        number bounded: ``readline(limit)`` never holds more than a line's bound."""
-        lines: list[bytes] = []
+    def _read_head(self) -> dict[str, str] | None:
+        """The head of the next frame (None at EOF), each line and their number
+        bounded: ``readline(limit)`` never holds more than a line's bound."""
+        headers: dict[str, str] = {}
+        lines = 0
         while True:
             line = self.sock_file.readline(MAX_HEAD_LINE + 1)
             if not line:
@@ -145,15 +146,17 @@ class _Connection(InboundESL):
                 raise EOFError("connection closed inside a frame head")
             if line in (b"\n", b"\r\n"):
                 if lines:
-                    return b"".join(lines)
+                    return headers
                 continue  # blank lines between frames
-            if len(lines) == MAX_HEAD_LINES:
+            lines += 1
+            if lines > MAX_HEAD_LINES:
                 raise FrameError(f"a frame head of more than {MAX_HEAD_LINES} lines")
-            lines.append(line)
+            name, value = split_frame_head_line(line)
+            headers[name] = value
 
     @staticmethod
     def _read_socket(sock, length):
-        data = bytearray()
+        data = b""  # read() waits for all `length` bytes: one call, no copy, in practice
         while len(data) < length:
             chunk = sock.read(length - len(data))
             if not chunk:

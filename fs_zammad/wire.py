@@ -29,7 +29,10 @@ class FrameError(ValueError):
     """Bytes that are not a valid ESL frame or event."""
 
 
-_LINE = re.compile(r"^([^:\n]+): ([^\n]*)$", re.M)
+# A value is matched up to MAX_VALUE characters; the rest of its line is
+# skipped, since the next match starts at a line's beginning.
+_VALUE = r"([^\n]{0,%d})" % MAX_VALUE
+_LINE = re.compile(r"^([^:\n]+): " + _VALUE, re.M)
 
 
 class EventHeaders(Mapping):
@@ -85,7 +88,7 @@ class HeaderFilter:
                 raise ValueError(f"not a header name: {word!r}")
         words = [re.escape(name) for name in self.names]
         words += [re.escape(prefix) + _ANY_NAME_REST for prefix in self.prefixes]
-        self.lines = re.compile(r"\n(" + _trie(words) + r"): ([^\n]*)")
+        self.lines = re.compile(r"\n(" + _trie(words) + r"): " + _VALUE)
 
     def __call__(self, name: str) -> bool:
         return name in self.names or name.startswith(self.prefixes)
@@ -132,7 +135,7 @@ def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None) -> Ev
     lines = _LINE.findall(body) if keep is None else keep.lines.findall("\n" + body)
     for name, value in lines:
         if name not in raw:
-            raw[name] = value[:MAX_VALUE]
+            raw[name] = value
     if "Event-Name" not in raw:
         stray = next((line for line in body.split("\n") if line and ": " not in line), "")
         raise FrameError(f"event line without 'Name: value': {stray[:60]!r}" if stray
@@ -144,13 +147,17 @@ def split_frame_head(head: bytes | str) -> dict[str, str]:
     """The header block of a socket frame (not URL-encoded)."""
     if isinstance(head, bytes):
         head = head.decode("utf-8", errors="replace")
-    headers = {}
-    for line in head.strip("\n").split("\n"):
-        name, sep, value = line.partition(": ")
-        if not sep:
-            raise FrameError(f"frame header line without 'Name: value': {line[:60]!r}")
-        headers[name] = value.strip()
-    return headers
+    return dict(split_frame_head_line(line) for line in head.strip("\n").split("\n"))
+
+
+def split_frame_head_line(line: bytes | str) -> tuple[str, str]:
+    """One ``Name: value`` line of a socket frame's head."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    name, sep, value = line.partition(": ")
+    if not sep:
+        raise FrameError(f"frame header line without 'Name: value': {line.strip()[:60]!r}")
+    return name, value.strip()
 
 
 def iter_frames(data: bytes) -> Iterator[tuple[dict[str, str], bytes]]:
