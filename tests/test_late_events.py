@@ -135,6 +135,21 @@ def test_any_order_subset_or_repeat_never_makes_a_second_call(story):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shuffled_story(), st.lists(st.integers(0, 40), max_size=3))
+def test_reconnects_in_between_never_make_a_second_call(story, gaps):
+    """A reconnect (FreeSWITCH lists no live channel: every known leg ended
+    unseen) anywhere in the stream, then the rest of the events."""
+    name, events, order, rules = story
+    tracker, sent = CallTracker(rules), []
+    for i, headers in enumerate(order):
+        if i in gaps:
+            sent += tracker.reconcile([], 1000.0 + i)
+        sent += tracker.handle(headers, 1000.0 + i)
+    sent += tracker.expire(1000.0 + len(order) + rules.max_call_seconds + 1)
+    assert_one_call_at_most(sent, _calls(events, rules))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shuffled_story())
 def test_events_after_the_whole_call_change_nothing(story):
     """The complete call, then any of its events again: Zammad gets nothing more."""
