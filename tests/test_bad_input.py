@@ -7,15 +7,18 @@ rebuilt, memory stays bounded, the calls around it end right in Zammad.
 """
 
 import itertools
+from pathlib import Path
 
 import pytest
 
 from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
 from fs_zammad.esl import MAX_EVENT_BODY, MAX_HEAD_LINE, MAX_HEAD_LINES
 from fs_zammad.wire import MAX_VALUE, HeaderFilter, parse_event_plain
+from tests.support.fake_freeswitch import iter_frames
 from tests.test_e2e import answered, emit_all, sentinel_call
 from tests.test_faults import answered_call, assert_caller_log, channels_json, missed_call
 
+FIXTURES = Path(__file__).parent / "fixtures"
 MB = 1024 * 1024
 
 
@@ -129,3 +132,27 @@ def test_a_huge_header_value_is_kept_small(keep, name):
     headers = parse_event_plain(body, keep)
     assert len(headers[name]) <= MAX_VALUE
     assert (headers["Unique-ID"], headers["Call-Direction"]) == ("u-1", "inbound")
+
+
+@pytest.mark.parametrize("order", ["hangups only", "hangups reversed", "call replayed"])
+def test_late_or_replayed_events_make_no_second_call(order, start_service, fake_fs, zammad):
+    """The recorded answered call S1, fed to the real service as only its
+    hangups (A-leg, then the agent leg), the other way round, or whole twice."""
+    frames = iter_frames(FIXTURES / "callcentre" / "S1" / "events_all.txt")
+    events = [raw for headers, raw in frames if headers.get("Event-Name")]
+    hangups = [raw for headers, raw in frames
+               if headers.get("Event-Name") == "CHANNEL_HANGUP_COMPLETE"]
+    stream = {"hangups only": hangups, "hangups reversed": hangups[::-1],
+              "call replayed": events + events}[order]
+    service = start_service()
+    for raw in stream:
+        fake_fs.send_raw(raw)
+    sentinel = sentinel_call(fake_fs, zammad)
+    a_leg = next(h["Unique-ID"] for h, _ in frames if h.get("Event-Name") == "CHANNEL_CREATE")
+    zammad.wait_for(lambda: any(r.event == "hangup" and r.status for r in zammad.requests_for(a_leg)))
+    log = {e["callId"]: e for e in zammad.caller_log()}
+    assert set(log) == {a_leg, sentinel}
+    assert (log[a_leg]["to"], log[a_leg]["hangups"]) == ("492214710334", 1)
+    if order == "call replayed":
+        assert (log[a_leg]["answered_by"], log[a_leg]["missed"]) == ("1001", False)
+    assert "Traceback" not in service.log
