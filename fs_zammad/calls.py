@@ -17,6 +17,15 @@ keyed by that leg's uuid. Legs of finished calls are remembered
 as its parent, are dropped, so replayed events or the hangups alone of a call
 never make a second Zammad call (nor a B-leg a call of its own).
 
+Who a person is belongs to their leg, not to the call: FreeSWITCH puts a
+directory user's ``zammad_user`` variable on that user's own calls and on
+legs dialled with ``user/<ext>``, so in a ring group every ringing phone's leg
+carries its own value. The leg that answered names the agent Zammad hears
+about on ``answer`` (its ``zammad_user``, else ``ZAMMAD_AGENTS`` for its
+extension); on an outbound call the agent's own leg names ``user`` on
+``newCall``. A ``zammad_user`` the dialplan sets on a carrier caller's leg
+names the called agent of that call and is the fallback for its answer.
+
 The Zammad call id is the root leg's uuid. What Zammad is owed is derived
 from the call's state by :meth:`CallTracker._owed`: ``newCall`` once the
 direction is known and the call is routed, ``answer`` once a person (or
@@ -99,6 +108,8 @@ class TrackerRules:
     cause_mapper: object = cause_to_zammad
     instances: frozenset[str] = frozenset({""})  # Zammad systems; "" = ZAMMAD_CTI_URL
     routes: tuple[tuple[str, str, str], ...] = ()  # (did|domain, glob, instance)
+    # ZAMMAD_AGENTS: extension (or extension@domain) -> Zammad login
+    agents: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,7 @@ class Leg:
     party: str = ""          # the number/extension on this leg's far side
     agent: str = ""          # mod_callcenter agent name, if any
     inbound: bool = False    # a phone's own call (Call-Direction inbound)
+    user: str = ""           # zammad_user on this leg (directory variable or dialplan)
     answered: bool = False   # CHANNEL_ANSWER seen (or answered when listed)
     ended: bool = False
 
@@ -143,11 +155,12 @@ class Call:
     direction: str = ""          # "", in, out, ignore
     routed: bool = False
     queue: str = ""
-    user: str = ""               # zammad_user
+    agent_leg: str = ""          # out calls: the agent's leg when it is not the root
     out_to: str = ""
     answered: bool = False
     answered_by: str = ""
     answering_number: str = ""
+    answered_user: str = ""      # Zammad login of who answered, if known (zammad_user, map)
     voicemail: bool = False
     forwarded: bool = False
     root_end: dict = field(default_factory=dict)
@@ -229,6 +242,7 @@ class CallTracker:
         is_root = uuid == call.call_id
         if is_root and not call.root_seen:
             self._take_root(call, headers)
+        leg.user = _h(headers, "variable_zammad_user") or leg.user
         self._read_variables(call, headers)
 
         if name == "CHANNEL_EXECUTE" and is_root:
@@ -420,6 +434,7 @@ class CallTracker:
         if not leg.external:
             if call.direction == "out" and not call.local_user:
                 call.local_user = leg.party   # the agent of a click-to-dial call
+                call.agent_leg = leg.uuid
             return
         if not call.direction and not call.root_external:
             call.direction = "out"         # a local user reaching outside
@@ -451,9 +466,6 @@ class CallTracker:
         forced = _h(h, "variable_zammad_direction").lower()
         if forced in DIRECTIONS and not call.sent:
             call.direction = forced
-        user = _h(h, "variable_zammad_user")
-        if user:
-            call.user = user
         queue = _h(h, "variable_zammad_queue", "variable_cc_queue")
         if queue and not call.sent:
             call.queue = queue
@@ -485,6 +497,7 @@ class CallTracker:
         call.answered = True
         call.answered_by = leg.agent or leg.party
         call.answering_number = leg.party
+        call.answered_user = leg.user or self._mapped_login(call, leg.party, leg.agent)
 
     def _on_bridge(self, call: Call, leg: Leg, h: Headers) -> Call:
         """A leg got bridged; returns the call the event's leg now belongs to.
@@ -597,6 +610,27 @@ class CallTracker:
         if len(self._finished) > FINISHED_MEMORY:
             self._finished.popitem(last=False)
 
+    def _mapped_login(self, call: Call, *extensions: str) -> str:
+        """ZAMMAD_AGENTS' login for the first of ``extensions`` it maps."""
+        agents = self.rules.agents
+        for extension in filter(None, extensions):
+            login = agents.get(f"{extension}@{call.domain}") or agents.get(extension)
+            if login:
+                return login
+        return ""
+
+    def _called_agent(self, call: Call) -> str:
+        """The dialplan's zammad_user on a carrier caller's leg (a caller's own
+        phone would carry its directory value: that is no agent of this call)."""
+        root = call.legs.get(call.call_id)
+        return root.user if root is not None and call.root_external else ""
+
+    def _calling_agent(self, call: Call) -> str:
+        """Out calls: the agent's login, else their extension."""
+        leg = call.legs.get(call.agent_leg or call.call_id)
+        return ((leg.user if leg is not None else "")
+                or self._mapped_login(call, call.local_user) or call.local_user)
+
     def _number(self, number: str) -> str:
         return to_e164(number, self.rules.country_code, self.rules.national_prefix)
 
@@ -610,12 +644,14 @@ class CallTracker:
                   ("from", from_), ("to", to)]
         queue = call.queue if self.rules.queue_keep_domain else _strip_domain(call.queue)
         if name == "newCall":
-            user = call.user or (call.local_user if call.direction == "out" else "")
+            user = self._calling_agent(call) if call.direction == "out" \
+                else self._called_agent(call)
             if user:
                 fields.append(("user", user))
         elif name == "answer" and call.direction == "in":
             if call.answered:
-                fields.append(("user", call.user or call.answered_by))
+                fields.append(("user", call.answered_user or self._called_agent(call)
+                               or call.answered_by))
                 if call.answering_number:
                     fields.append(("answeringNumber", call.answering_number))
             else:

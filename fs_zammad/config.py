@@ -47,6 +47,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("ZAMMAD_CONCURRENCY", "8", "requests in flight to Zammad at once (one per call)"),
     ("ZAMMAD_RETRY_MAX", "15", "longest pause between probes while Zammad is down, seconds"),
     ("ZAMMAD_CAUSE_MAP", "", "cause overrides, e.g. CALL_REJECTED=busy,NO_ANSWER=cancel"),
+    ("ZAMMAD_AGENTS", "", "extension -> Zammad login of the agent, e.g. "
+                          "1001=emma@example.com,1002=max@example.com (or 1001@<domain>=...); "
+                          "the directory variable zammad_user wins"),
+    ("ZAMMAD_AGENTS_FILE", "", "file of more such mappings, one per line or comma-separated "
+                               "(# starts a comment)"),
     ("EXTERNAL_CONTEXTS", "public", "dialplan contexts whose calls come from outside (direction in)"),
     ("EXTERNAL_PROFILES", "external", "sofia profiles that lead outside: a leg created on one "
                                       "(or through any gateway) makes a local user's call 'out'"),
@@ -98,6 +103,7 @@ class Settings:
     zammad_concurrency: int
     zammad_retry_max: float
     cause_overrides: Mapping[str, str]
+    agents: Mapping[str, str]  # extension (or extension@domain) -> Zammad login
     external_contexts: frozenset[str]
     external_profiles: frozenset[str]
     country_code: str
@@ -218,6 +224,43 @@ def _routes(env, instances) -> tuple[tuple[str, str, str], ...]:
     return tuple(routes)
 
 
+def parse_agents(text: str, known: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``1001=emma@example.com,1002=max@example.com`` (commas or lines; ``#``
+    comments) -> {extension: login}. Raises ValueError naming the bad entry."""
+    agents: dict[str, str] = {}
+    for line in text.splitlines():
+        for entry in line.split("#", 1)[0].split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            extension, sep, login = (part.strip() for part in entry.partition("="))
+            if not sep or not extension or not login or any(c.isspace() for c in extension + login):
+                raise ValueError(f"{entry!r} is not <extension>=<Zammad login>")
+            if extension in agents or extension in (known or {}):
+                raise ValueError(f"extension {extension!r} is mapped twice")
+            agents[extension] = login
+    return agents
+
+
+def _agents(env) -> dict[str, str]:
+    try:
+        agents = parse_agents(env.get("ZAMMAD_AGENTS", ""))
+    except ValueError as exc:
+        raise ConfigError(f"ZAMMAD_AGENTS: {exc}") from None
+    path = env.get("ZAMMAD_AGENTS_FILE", "").strip()
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"ZAMMAD_AGENTS_FILE: cannot read {path}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            agents.update(parse_agents(text, agents))
+        except ValueError as exc:
+            raise ConfigError(f"ZAMMAD_AGENTS_FILE ({path}): {exc}") from None
+    return agents
+
+
 def _state_dir(env) -> Path:
     configured = env.get("STATE_DIR", "").strip()
     if configured:
@@ -264,6 +307,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         zammad_concurrency=_number(env, "ZAMMAD_CONCURRENCY", int, 1, 256),
         zammad_retry_max=_number(env, "ZAMMAD_RETRY_MAX", float, 0.1, 3600),
         cause_overrides=cause_overrides,
+        agents=_agents(env),
         external_contexts=_words(env, "EXTERNAL_CONTEXTS"),
         external_profiles=_words(env, "EXTERNAL_PROFILES"),
         country_code=country,

@@ -58,6 +58,7 @@ def tracker_rules(settings: Settings) -> TrackerRules:
         # The dry run logs every call as if sent to ZAMMAD_CTI_URL.
         instances=frozenset(settings.instances) or frozenset({""}),
         routes=settings.routes,
+        agents=settings.agents,
     )
 
 
