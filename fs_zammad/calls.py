@@ -5,9 +5,10 @@ with its root leg (usually the ``inbound`` channel that entered FreeSWITCH)
 and gathers every leg linked to it: bridged B-legs (``Other-Leg-Unique-ID``,
 ``variable_originating_leg_uuid``), mod_callcenter agent legs
 (``variable_cc_member_session_uuid``), the far half of loopback channels, and
-legs bridged in later by pickup or attended transfer. The call ends when its
-last leg has hung up, so the cause can use everything the legs reported, and
-an agent hanging up first, a transfer or a lost ring-group race ends nothing.
+legs bridged in later (pickup, attended transfer, an agent taking a mod_fifo
+caller). The call ends when its last leg has hung up, so the cause can use
+everything the legs reported, and an agent hanging up first, a transfer or a
+lost ring-group race ends nothing.
 
 Events arrive in any order and some twice (a reconnect, a replay). A leg
 seen before the leg it belongs to (a B-leg, or the inbound half of a loopback
@@ -30,7 +31,8 @@ The Zammad call id is the root leg's uuid. What Zammad is owed is derived
 from the call's state by :meth:`CallTracker._owed`: ``newCall`` once the
 direction is known and the call is routed, ``answer`` once a person (or
 voicemail) picked up, ``hangup`` once every leg is gone — each exactly once,
-in that order.
+in that order. A call that ended in voicemail before any person answered
+hangs up with cause ``voicemail``.
 
 Nothing here does I/O: the shell feeds header dicts and a clock and persists
 ``dirty`` calls; the tests feed recorded events.
@@ -480,6 +482,12 @@ class CallTracker:
         call.routed = True
         if app == "callcenter" and not call.queue:
             call.queue = _h(h, "Application-Data").split(" ", 1)[0]
+        elif app == "fifo" and not call.queue:
+            # "fifo <name>[!<importance>] in [...]": the caller waits in that queue
+            # ("out" is an agent's own call fetching a caller from it).
+            words = _h(h, "Application-Data").split()
+            if len(words) > 1 and words[1].lower() == "in":
+                call.queue = words[0].split("!", 1)[0]
         elif app == "voicemail" and not call.answered:
             call.voicemail = True
 

@@ -1,6 +1,7 @@
 """FreeSWITCH hangup causes -> Zammad's cause strings (pure functions).
 
-Zammad labels seven causes; FreeSWITCH has about eighty. The table answers one
+Zammad labels seven causes (and its new UI an eighth, ``voicemail``);
+FreeSWITCH has about eighty. The table answers one
 question: "if this cause is why a call was never picked up, what does Zammad
 call it?"  Whether the call was answered matters more than the cause name (an
 answered call that ends is always ``normalClearing``), so the call-level
@@ -110,7 +111,7 @@ class CallEnd:
     """What the call tracker knows when the last leg of a call is gone."""
 
     answered: bool = False          # a person (agent, remote party) picked up
-    voicemail: bool = False         # the caller reached voicemail
+    voicemail: bool = False         # the caller reached voicemail before any person
     forwarded: bool = False         # an inbound call went out again through a gateway
     root_cause: str = ""            # Hangup-Cause of the leg that entered FreeSWITCH
     root_disposition: str = ""      # its variable_sip_hangup_disposition
@@ -127,8 +128,9 @@ def _is_cause_name(value: str) -> bool:
 def call_cause(end: CallEnd, mapper=cause_to_zammad) -> str:
     """The Zammad cause of a whole call.
 
-    Order of evidence: forwarded out; answered by a person (or voicemail);
-    the caller hanging up first (``recv_cancel``/``recv_bye`` on the leg that
+    Order of evidence: forwarded out; answered by a person; ended in
+    voicemail (``voicemail``: Zammad's new UI shows it with a mic icon, the
+    call stays one to return); the caller hanging up first (``recv_cancel``/``recv_bye`` on the leg that
     entered FreeSWITCH, whatever cause name it carries); then the first real
     failure reason among the root leg's originate result, its last bridge
     result, its own cause and the other legs' causes. A call that ended with
@@ -136,8 +138,10 @@ def call_cause(end: CallEnd, mapper=cause_to_zammad) -> str:
     """
     if end.forwarded:
         return "forwarded"
-    if end.answered or end.voicemail:
+    if end.answered:
         return "normalClearing"
+    if end.voicemail:
+        return "voicemail"
     if end.root_disposition in ("recv_cancel", "recv_bye"):
         return "cancel"
     candidates = [end.originate_disposition, end.last_bridge_cause, end.root_cause,

@@ -57,7 +57,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
                                       "(or through any gateway) makes a local user's call 'out'"),
     ("COUNTRY_CODE", "", "country code for national numbers (e.g. 43); empty = leave as is"),
     ("NATIONAL_PREFIX", "0", "trunk prefix of national numbers, replaced by COUNTRY_CODE"),
-    ("QUEUE_DOMAIN", "strip", "mod_callcenter queue names: strip (support) or keep (support@default)"),
+    ("QUEUE_DOMAIN", "strip", "queue names (mod_callcenter, mod_fifo): strip (support) or keep (support@default)"),
     ("REJECT_BLOCKED", "false", "hang up callers Zammad's block list rejects (true/false)"),
     ("REJECT_CAUSE", "USER_BUSY", "hangup cause used for rejected callers"),
     ("STATE_DIR", "/var/lib/fs-zammad", "directory of the outbox database; if not writable: "

@@ -23,7 +23,8 @@ from tests.test_e2e import FIXTURES, a_leg, answered, sentinel_call
 EMMA, MAX, LEA = "emma@example.com", "max@example.com", "lea@example.com"
 
 #: recorded scenario -> the extension whose phone answered (fixtures README)
-ANSWERED_BY = {"S1": "1001", "S13": "1001", "S15": "1001", "S23": "1002", "S34": "1001"}
+ANSWERED_BY = {"S1": "1001", "S13": "1001", "S15": "1001", "S23": "1002", "S28": "1001",
+               "S34": "1001"}
 
 _AGENT_CHANNEL = re.compile(r"sofia/internal/(\d+)@")
 
@@ -68,21 +69,9 @@ def test_the_agent_who_answered_is_the_user(scenario, case, directory, agents, e
     sent = run(with_directory(capture(scenario), directory), tracker(agents))[1]
     login = (expected or {}).get(ext, ext)
     want = [(name, {**fields, "user": login} if name == "answer" else fields)
-            for name, fields in RECORDED.get(scenario) or recorded_extra(scenario)]
+            for name, fields in RECORDED[scenario]]
     assert simple(sent) == want
     assert dict(simple(sent))["answer"]["answeringNumber"] == ext  # Zammad's ways 1 and 2
-
-
-def recorded_extra(scenario):
-    """The recordings test_calls.RECORDED does not list (same call shape)."""
-    main = {"direction": "in", "from": "493023125741"}
-    to = {"S23": "492214710351", "S28": "492214710356", "S34": "492214710359"}[scenario]
-    fields = {**main, "to": to}
-    if scenario == "S28":
-        fields["queue"] = "support"
-    ext = ANSWERED_BY[scenario]
-    return [("newCall", fields), ("answer", {**fields, "user": ext, "answeringNumber": ext}),
-            ("hangup", {**fields, "cause": "normalClearing"})]
 
 
 def test_queue_race_the_losing_agent_seen_last_changes_nothing():

@@ -44,7 +44,21 @@ RECORDED = {
                         "queue": "support"})],
     "S17": [("newCall", {**IN_MAIN, "to": "492214710341"}),
             ("answer", {**IN_MAIN, "to": "492214710341", "user": "voicemail"}),
-            ("hangup", {**IN_MAIN, "to": "492214710341", "cause": "normalClearing"})],
+            ("hangup", {**IN_MAIN, "to": "492214710341", "cause": "voicemail"})],
+    "S23": [("newCall", {**IN_MAIN, "to": "492214710351"}),
+            ("answer", {**IN_MAIN, "to": "492214710351", "user": "1002",
+                        "answeringNumber": "1002"}),
+            ("hangup", {**IN_MAIN, "to": "492214710351", "cause": "normalClearing"})],
+    "S28": [("newCall", {**IN_MAIN, "to": "492214710356", "queue": "support"}),
+            ("answer", {**IN_MAIN, "to": "492214710356", "user": "1001",
+                        "answeringNumber": "1001", "queue": "support"}),
+            ("hangup", {**IN_MAIN, "to": "492214710356", "cause": "normalClearing",
+                        "queue": "support"})],
+    # answered by 1001, then transferred to 1002's mailbox: a person answered
+    "S34": [("newCall", {**IN_MAIN, "to": "492214710359"}),
+            ("answer", {**IN_MAIN, "to": "492214710359", "user": "1001",
+                        "answeringNumber": "1001"}),
+            ("hangup", {**IN_MAIN, "to": "492214710359", "cause": "normalClearing"})],
 }
 
 

@@ -30,7 +30,13 @@ CALLER_LOG = {
     "S15": dict(direction="in", to="492214710340", answered_by="1001", cause="normalClearing",
                 missed=False, queue="support"),
     "S17": dict(direction="in", to="492214710341", answered_by="voicemail",
-                cause="normalClearing", missed=True),
+                cause="voicemail", missed=True),
+    "S23": dict(direction="in", to="492214710351", answered_by="1002", cause="normalClearing",
+                missed=False),
+    "S28": dict(direction="in", to="492214710356", answered_by="1001", cause="normalClearing",
+                missed=False, queue="support"),
+    "S34": dict(direction="in", to="492214710359", answered_by="1001", cause="normalClearing",
+                missed=False),
 }
 
 
