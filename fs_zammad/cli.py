@@ -114,6 +114,17 @@ def check(settings) -> int:
     for name, url in settings.instances.items():
         passed, what = _check_zammad(settings, url)
         say(passed, f"Zammad{f' [{name}]' if name else ''} {what}")
+    if settings.api:
+        from fs_zammad.zammad_api import ZammadApi, check_api
+
+        apis = {name: ZammadApi(url, token, settings.zammad_timeout, settings.zammad_verify)
+                for name, (url, token) in settings.api.items()}
+        for passed, what in check_api(apis, settings.agents.values()):
+            say(passed, what)
+        for api in apis.values():
+            api.close()
+    elif settings.agents:
+        say(None, "ZAMMAD_AGENTS: set ZAMMAD_API_TOKEN to check the mapped logins in Zammad")
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -36,11 +36,17 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
                            "(log what would be sent)"),
     ("ZAMMAD_CTI_URL_FILE", "", "file holding ZAMMAD_CTI_URL (keeps the token out of the env)"),
     ("ZAMMAD_INSTANCES", "", "names of further Zammad systems (tenants), e.g. acme,globex; each "
-                             "needs ZAMMAD_CTI_URL_<NAME> (or ZAMMAD_CTI_URL_<NAME>_FILE)"),
+                             "needs ZAMMAD_CTI_URL_<NAME> (or ZAMMAD_CTI_URL_<NAME>_FILE) and "
+                             "may have ZAMMAD_API_TOKEN_<NAME>(_FILE), ZAMMAD_API_URL_<NAME>"),
     ("ZAMMAD_ROUTES", "", "which calls go to which instance: did:<glob>=<name>, "
                           "domain:<glob>=<name>, comma-separated, first match wins; the channel "
                           "variable zammad_instance overrides; unmatched calls go to "
                           "ZAMMAD_CTI_URL (if unset: not sent)"),
+    ("ZAMMAD_API_URL", "", "Zammad's base URL for its REST API, e.g. https://zammad.example.com; "
+                           "default: taken from ZAMMAD_CTI_URL"),
+    ("ZAMMAD_API_TOKEN", "", "Zammad access token (Profile > Token Access) for the REST API, "
+                             "or ZAMMAD_API_TOKEN_FILE; unset = no REST calls"),
+    ("ZAMMAD_API_TOKEN_FILE", "", "file holding ZAMMAD_API_TOKEN"),
     ("ZAMMAD_TIMEOUT", "10", "seconds to wait for Zammad's answer to one request"),
     ("ZAMMAD_CA_BUNDLE", "", "CA bundle file for Zammad's TLS certificate (default: system CAs)"),
     ("ZAMMAD_TLS_VERIFY", "true", "verify Zammad's TLS certificate (true/false)"),
@@ -97,6 +103,8 @@ class Settings:
     freeswitch_reconnect_max: float
     zammad_url: str = dataclasses.field(repr=False)
     instances: Mapping[str, str] = dataclasses.field(repr=False)  # name -> CTI URL; "" = default
+    # name -> (REST base URL, token), for the instances given a ZAMMAD_API_TOKEN
+    api: Mapping[str, tuple[str, str]] = dataclasses.field(repr=False)
     routes: tuple[tuple[str, str, str], ...]  # (did|domain, glob, instance name)
     zammad_timeout: float
     zammad_verify: bool | str
@@ -128,6 +136,7 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be logged (the log filter masks them)."""
         tokens = [url.rstrip("/").rpartition("/")[2] for url in self.instances.values()]
+        tokens += [token for _url, token in self.api.values()]
         return tuple(s for s in (self.freeswitch_password, *tokens) if len(s) >= 3)
 
 
@@ -204,6 +213,44 @@ def _instances(env, default_url: str) -> dict[str, str]:
             raise ConfigError(f"ZAMMAD_INSTANCES names {name!r} but {var} is not set")
         instances[name] = url
     return instances
+
+
+def _http_url(env, name: str) -> str:
+    url = env.get(name, "").strip().rstrip("/")
+    parts = urlsplit(url)
+    if url and (parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.username or parts.query):
+        raise ConfigError(f"{name} must be an http(s) URL like https://zammad.example.com")
+    return url
+
+
+def _api(env, instances: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Instances with a REST token -> (base URL, token); the URL defaults to the
+    part of the CTI URL before /api/v1/cti/."""
+    api = {}
+    for name in ["", *(n for n in instances if n)]:
+        suffix = "_" + name.upper().replace("-", "_") if name else ""
+        token_var, url_var = "ZAMMAD_API_TOKEN" + suffix, "ZAMMAD_API_URL" + suffix
+        path = env.get(f"{token_var}_FILE", "").strip()
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip() if path \
+                else env.get(token_var, "").strip()
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(f"{token_var}_FILE: cannot read {path}") from None
+        url = _http_url(env, url_var)
+        if not token:
+            continue
+        if not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigError(f"{token_var}: not a Zammad token (letters, digits and "
+                              "punctuation, no spaces)")
+        cti = instances.get(name, "")
+        if not url and cti:
+            url = cti[:cti.find("/api/v1/cti/")]
+        if not url:
+            raise ConfigError(f"{token_var} is set but neither {url_var} nor the CTI URL "
+                              "says where Zammad is")
+        api[name] = (url, token)
+    return api
 
 
 def _routes(env, instances) -> tuple[tuple[str, str, str], ...]:
@@ -301,6 +348,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         freeswitch_reconnect_max=_number(env, "FREESWITCH_RECONNECT_MAX", float, 0.1, 3600),
         zammad_url=url,
         instances=instances,
+        api=_api(env, instances),
         routes=_routes(env, instances),
         zammad_timeout=_number(env, "ZAMMAD_TIMEOUT", float, 0.1, 600),
         zammad_verify=verify,

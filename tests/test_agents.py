@@ -209,6 +209,9 @@ def test_end_to_end_the_screen_pop_reaches_the_agent_who_answered(start_service,
                                                                    zammad, tmp_path):
     agents_file = tmp_path / "agents"
     agents_file.write_text("# desk phones\n1001=lea@example.com\n")
+    for login in (EMMA, MAX, LEA):
+        zammad.rest.add_agent(login)
+    zammad.rest.add_agent("wrong@example.com")
     start_service(ZAMMAD_AGENTS="1002=max@example.com", ZAMMAD_AGENTS_FILE=str(agents_file))
     # S15: queue, both agents' legs carry their own value; S23: hunt group, 1002 (mapped)
     # answers; S8: 1001 calls out (mapped in the file).
@@ -223,11 +226,26 @@ def test_end_to_end_the_screen_pop_reaches_the_agent_who_answered(start_service,
     assert (queue["answered_by"], queue["answering_number"], queue["queue"]) == \
         (EMMA, "1001", "support")
     assert (hunt["answered_by"], hunt["answering_number"]) == (MAX, "1002")
+    assert (queue["screen_pop"], hunt["screen_pop"]) == (EMMA, MAX)  # what Zammad does with it
     assert (out["from_comment"], out["from"]) == ("lea@example.com", "1001")
     assert all(e["hangups"] == 1 and e["cause"] == "normalClearing" for e in (queue, hunt, out))
 
 
-def test_end_to_end_a_bad_agent_map_stops_with_one_line(start_service):
+def test_end_to_end_without_a_login_zammad_finds_nobody_for_an_extension(start_service,
+                                                                         fake_fs, zammad):
+    """The case this feature is for: '1001' reaches no agent unless typed into a phone field."""
+    zammad.rest.add_agent(EMMA, phone="+49 221 4710334")
+    start_service()
+    fake_fs.replay(FIXTURES / "S1" / "events_all.txt")
+    zammad.wait_for(lambda: len(answered(zammad, a_leg("S1"))) == 3)
+    assert zammad.caller_log()[0]["screen_pop"] is None
+    zammad.rest.add_agent(MAX, phone="1001")
+    fake_fs.replay(FIXTURES / "S13" / "events_all.txt")
+    zammad.wait_for(lambda: len(answered(zammad, a_leg("S13"))) == 3)
+    assert zammad.caller_log()[1]["screen_pop"] == MAX
+
+
+def test_end_to_end_a_bad_agent_map_stops_with_one_line():
     import subprocess
 
     from tests.support.service import FS_ZAMMAD, base_env

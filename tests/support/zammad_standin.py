@@ -9,6 +9,11 @@ Zammad user would see in the caller log, including its unforgiving parts
 (500 for an unknown or duplicate callId, a second hangup flipping a missed
 call to done).
 
+The same server answers Zammad's REST API (users, tokens, the caller log over
+REST, customers, tickets) with Zammad's rules: ``standin.rest``, see
+zammad_rest.py. At newCall the caller log records the users Zammad matches for
+the number, and on an inbound answer the agent who gets the screen pop.
+
 Plain ``http.server`` + threads, not gevent: the tests run in an ordinary
 pytest process. Each response is written with a single ``sendall`` and
 TCP_NODELAY is set, because http.server's usual header-then-body writes meet
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
+
+from tests.support.zammad_rest import ZammadRest
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +242,7 @@ class ZammadStandIn:
         self.token = token
         self.disabled = disabled
         self.reject_callers = set(reject_callers or ())
+        self.rest = ZammadRest()  # users, tokens, tickets: Zammad's REST API (zammad_rest.py)
         self.requests: list = []
         self.calls: dict = {}
         self._requested_port = port
@@ -357,6 +365,8 @@ class ZammadStandIn:
         - ``answered_by``: ``user`` of the answer event (Zammad's to_comment after an
           answer; ``'voicemail'`` for voicemail), None if never answered.
         - ``answering_number``: ``answeringNumber`` of the answer event, or None.
+        - ``screen_pop``: login of the agent Zammad opens the caller for on an inbound
+          answer (``rest.screen_pop_agent``: caller id, phone field, login), or None.
         - ``cause``: the comment Zammad shows: the last event's ``cause`` (or None).
         - ``hangups``: hangup events accepted for this call (must be 1 when finished).
         - ``from_comment`` / ``to_comment``: Zammad's columns (for ``out`` calls the
@@ -375,6 +385,7 @@ class ZammadStandIn:
                 "missed": not rec["done"],
                 "answered_by": rec["to_comment"] if rec["answered"] else None,
                 "answering_number": rec["answering_number"],
+                "screen_pop": rec["screen_pop"],
                 "cause": rec["comment"],
                 "hangups": rec["hangup_count"],
                 "from_comment": rec["from_comment"],
@@ -508,6 +519,15 @@ class ZammadStandIn:
     def _process(self, req: CtiRequest) -> tuple:
         """Zammad's controller + driver + Cti::Log, as (status, body, content type, outcome)."""
         wants_json = "application/json" in (req.header("Accept") or "")
+        path = req.path.rstrip("/")
+        if path.startswith("/api/v1/") and not (req.method == "POST"
+                                                and path.startswith("/api/v1/cti/")):
+            with self._cond:
+                status, answer = self.rest.process(
+                    req.method, path, dict(req.form),
+                    {k.lower(): v for k, v in req.headers.items()}, self.calls)
+            return (status, json.dumps(answer, separators=(",", ":")),
+                    "application/json; charset=utf-8", "processed" if status < 400 else "rejected")
         try:
             with self._cond:
                 result = self._process_locked(req)
@@ -562,6 +582,9 @@ class ZammadStandIn:
                 "queue": queue,
                 "state": "newCall",
                 "done": direction != "in",
+                "preferences": {"from" if direction == "in" else "to": self.rest.caller_matches(
+                    f.get("from") if direction == "in" else f.get("to"))},
+                "screen_pop": None,
                 "from_comment": user if direction == "out" and user_present else None,
                 "to_comment": user if direction == "in" and user_present else None,
                 "comment": cause,
@@ -587,6 +610,8 @@ class ZammadStandIn:
             if user is not None:
                 rec["to_comment"] = user
             rec["answering_number"] = f.get("answeringNumber")
+            if direction == "in":
+                rec["screen_pop"] = self.rest.screen_pop_agent(f.get("answeringNumber"), user)
             rec["comment"] = cause
             rec["events"].append("answer")
             return result
