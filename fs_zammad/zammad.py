@@ -119,6 +119,27 @@ def _network_outcome(exc: requests.RequestException, secrets: tuple[str, ...]) -
     return Outcome(ZAMMAD_DOWN, 0, text[:200])
 
 
+def zammad_session(url: str, verify: bool | str = True, pool_size: int = 8) -> requests.Session:
+    """A keep-alive session to one Zammad (CTI endpoint or REST API)."""
+    session = requests.Session()
+    # requests reads proxy and CA variables from the environment on every
+    # request unless told otherwise: read them once, here.
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(url)
+    if verify is True:
+        verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") \
+            or True
+    session.verify = verify
+    session.headers.update({
+        "Accept": "application/json",  # Zammad answers errors as JSON, not HTML pages
+        "User-Agent": f"fs-zammad/{__version__}",
+    })
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class ZammadClient:
     """Posts form-encoded CTI events over one keep-alive session."""
 
@@ -126,22 +147,7 @@ class ZammadClient:
                  connect_timeout: float = 5.0, pool_size: int = 8):
         self.url = url
         self.timeout = (min(connect_timeout, timeout), timeout)
-        self.session = requests.Session()
-        # requests reads proxy and CA variables from the environment on every
-        # request unless told otherwise: read them once, here.
-        self.session.trust_env = False
-        self.session.proxies = requests.utils.get_environ_proxies(url)
-        if verify is True:
-            verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") \
-                or True
-        self.session.verify = verify
-        self.session.headers.update({
-            "Accept": "application/json",  # Zammad answers errors as JSON, not HTML pages
-            "User-Agent": f"fs-zammad/{__version__}",
-        })
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session = zammad_session(url, verify, pool_size)
         token = url.rstrip("/").rpartition("/")[2]
         self._secrets = (token,) if token else ()
         self._last_used = 0.0

@@ -20,10 +20,8 @@ from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from fs_zammad import __version__
-from fs_zammad.zammad import error_text
+from fs_zammad.zammad import error_text, zammad_session
 
 #: ApiError kinds: what trying again can do.
 DOWN = "down"              # not processed (no connection, 502/503/504): try later
@@ -107,18 +105,8 @@ class ZammadApi:
                  verify: bool | str = True, connect_timeout: float = 5.0):
         self.base_url = base_url.rstrip("/")
         self.timeout = (min(connect_timeout, timeout), timeout)
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.proxies = requests.utils.get_environ_proxies(self.base_url)
-        self.session.verify = verify
-        self.session.headers.update({
-            "Authorization": f"Token token={token}",
-            "Accept": "application/json",   # errors as JSON, not HTML pages (§1)
-            "User-Agent": f"fs-zammad/{__version__}",
-        })
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session = zammad_session(self.base_url, verify, pool_size=2)
+        self.session.headers["Authorization"] = f"Token token={token}"  # §1: the safe form
 
     @property
     def shown_url(self) -> str:

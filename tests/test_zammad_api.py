@@ -215,6 +215,16 @@ def test_ticket_with_the_recording_and_found_by_its_marker(api, zammad):
     assert api.ticket_with_marker("[vm:00000000]") is None
 
 
+def test_a_recording_too_big_for_the_proxy_is_refused_not_retried(api, zammad):
+    zammad.max_body = 20_000     # nginx client_max_body_size (Zammad ships 50M)
+    with pytest.raises(ApiError) as err:
+        api.create_ticket(title="t", group="Users", customer_id=2, body="b", attachments=[
+            Attachment("msg.wav", RECORDING.read_bytes(), "audio/wav")])
+    assert (err.value.kind, err.value.status, err.value.detail) == \
+        (REFUSED, 413, "413 Request Entity Too Large")
+    assert zammad.rest.tickets == {}
+
+
 @pytest.mark.parametrize("story,change,status,detail", [
     ("unknown group", {"group": "Nope"}, 422, "No lookup value found for 'group': \"Nope\""),
     ("no group", {"group": None}, 422, "The required value 'group_id' is missing."),

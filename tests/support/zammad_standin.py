@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 DISABLED_ERROR = "Feature is disabled, please contact your administrator!"
 TOKEN_ERROR = "Invalid token, please contact your admin!"
+TOO_LARGE_PAGE = ("<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n"
+                  "<body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n"
+                  "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
 DOWN_PAGE = ("<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n"
              "<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n"
              "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
@@ -227,7 +230,9 @@ class ZammadStandIn:
     Configuration (plain attributes, may change while running): ``token``,
     ``disabled`` (422 "Feature is disabled" before the token check),
     ``reject_callers`` (inbound ``from`` numbers on Zammad's block list: their
-    newCall is logged and answered ``{"action":"reject","reason":"busy"}``).
+    newCall is logged and answered ``{"action":"reject","reason":"busy"}``),
+    ``max_body`` (nginx's client_max_body_size: a bigger request gets 413),
+    ``rest`` (the REST side's users, tokens, groups, tickets: zammad_rest.py).
 
     Observation: ``requests`` (every :class:`CtiRequest`, in arrival order),
     ``calls`` (callId → internal record, insertion ordered), :meth:`caller_log`.
@@ -253,6 +258,8 @@ class ZammadStandIn:
         self._down = False
         self._delay = 0.0
         self._hang = 0.0
+        #: nginx's client_max_body_size in Zammad's shipped configs: bigger bodies get 413
+        self.max_body = 50 * 1024 * 1024
         self._conns: dict = {}  # conn_id -> handler
         self._conn_threads: list = []
         self._conn_seq = 0
@@ -448,6 +455,8 @@ class ZammadStandIn:
                 fault = ("injected",) + self._fail_next.pop(0)
             elif self._down:
                 fault = ("down", 503, DOWN_PAGE, "text/html")
+            elif len(raw) > self.max_body:
+                fault = ("too_large", 413, TOO_LARGE_PAGE, "text/html")
             else:
                 fault = None
             hold = max(self._hang, self._delay)
