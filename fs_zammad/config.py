@@ -238,6 +238,8 @@ def _api(env, instances: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         except (OSError, UnicodeDecodeError):
             raise ConfigError(f"{token_var}_FILE: cannot read {path}") from None
         url = _http_url(env, url_var)
+        if path and not token:
+            raise ConfigError(f"{token_var}_FILE: {path} is empty")
         if not token:
             continue
         if not token.isascii() or not token.isprintable() or " " in token:

@@ -106,6 +106,13 @@ def test_bad_api_settings_name_the_variable(env, name):
     assert "a b" not in str(err.value)
 
 
+def test_an_empty_token_file_is_an_error(tmp_path):
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ConfigError, match="ZAMMAD_API_TOKEN_FILE: .* is empty"):
+        load_settings({"ZAMMAD_API_URL": "https://z.example",
+                       "ZAMMAD_API_TOKEN_FILE": str(tmp_path / "token")})
+
+
 def test_the_api_token_is_a_secret(tmp_path):
     path = tmp_path / "token"
     path.write_text("file-t0ken-123\n")
