@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fs_zammad.calls import CallTracker, TrackerRules
 from fs_zammad.config import ConfigError, load_settings, parse_agents
@@ -107,6 +109,63 @@ def test_ring_group_every_order_names_the_phone_that_answered(winner):
     assert sent[1][1]["user"] == logins[winner]
     assert sent[1][1]["answeringNumber"] == f"100{winner + 1}"
     assert "user" not in sent[0][1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(agents=st.integers(2, 5), data=st.data())
+def test_ring_group_any_interleaving_names_the_phone_that_answered(agents, data):
+    """Any number of phones, any order of the losers' events around the winner's
+    (each loser rings, then loses or gives up before or after the answer)."""
+    winner = data.draw(st.integers(0, agents - 1), label="winner")
+    a = synth.caller()
+    legs = [synth.agent_leg(a, f"10{i:02d}", variable_zammad_user=f"agent{i}@example.com")
+            for i in range(agents)]
+    story = [legs[winner].create(), legs[winner].answer()]
+    for i, leg in enumerate(legs):
+        if i == winner:
+            continue
+        cause = data.draw(st.sampled_from(["LOSE_RACE", "NO_ANSWER", "USER_BUSY"]))
+        at = data.draw(st.integers(0, len(story)), label="create at")
+        story.insert(at, leg.create())
+        story.insert(data.draw(st.integers(at + 1, len(story)), label="hangup at"),
+                     leg.hangup(cause, "send_cancel"))
+    events = [a.create(), a.execute("bridge", ",".join(f"user/{leg.base['Caller-Destination-Number']}"
+                                                       for leg in legs))]
+    events += story + [a.answer(), a.bridge(legs[winner]), a.hangup("NORMAL_CLEARING", "recv_bye"),
+                       legs[winner].hangup("NORMAL_CLEARING")]
+    sent = simple(run(events)[1])
+    assert [name for name, _ in sent] == ["newCall", "answer", "hangup"]
+    assert sent[1][1]["user"] == f"agent{winner}@example.com"
+    assert sent[1][1]["answeringNumber"] == f"10{winner:02d}"
+    assert sent[2][1]["cause"] == "normalClearing"
+
+
+def test_pickup_names_the_agent_who_picked_up_not_the_phone_that_rang():
+    a, events = synth.picked_up_call()          # 1001 rings, 1002 picks up with intercept
+    logins = {"1001": EMMA, "1002": MAX}
+    ext_of = {h["Unique-ID"]: agent_of(h) or h.get("variable_user_name", "") for h in events}
+    events = [{**h, "variable_zammad_user": logins[ext_of[h["Unique-ID"]]]}
+              if ext_of[h["Unique-ID"]] in logins else h for h in events]
+    answer = dict(simple(run(events)[1]))["answer"]
+    assert (answer["user"], answer["answeringNumber"]) == (MAX, "1002")
+
+
+def test_agent_answered_during_a_gap_is_named_by_its_own_leg():
+    """Both phones rang while connected; FreeSWITCH's channel list after a reconnect
+    shows which one is talking: the other one's value must not be used."""
+    from fs_zammad.calls import channels_to_headers
+
+    a = synth.caller()
+    talking = synth.agent_leg(a, "1001", variable_zammad_user=EMMA)
+    lost = synth.agent_leg(a, "1002", variable_zammad_user=MAX)
+    tracker_, sent = run([a.create(), a.execute("bridge"), talking.create(), lost.create()])
+    live = channels_to_headers([
+        {"uuid": a.uuid, "direction": "inbound", "context": "public", "callstate": "ACTIVE"},
+        {"uuid": talking.uuid, "direction": "outbound", "call_uuid": a.uuid,
+         "callstate": "ACTIVE"}])
+    sent += tracker_.reconcile(live, 2000.0)
+    answer = dict(simple(sent))["answer"]
+    assert (answer["user"], answer["answeringNumber"]) == (EMMA, "1001")
 
 
 @pytest.mark.parametrize("scenario", ["S8", "S9"])
