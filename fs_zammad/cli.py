@@ -112,20 +112,22 @@ def check(settings) -> int:
     if settings.dry_run:
         say(None, "Zammad: ZAMMAD_CTI_URL is not set (dry run)")
     for name, url in settings.instances.items():
-        passed, what = _check_zammad(settings, url)
+        passed, what = _check_zammad(settings, url, name)
         say(passed, f"Zammad{f' [{name}]' if name else ''} {what}")
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _check_zammad(settings, url: str) -> tuple[bool, str]:
+def _check_zammad(settings, url: str, name: str = "") -> tuple[bool, str]:
     """(passed, "<redacted url>: what was found") for one CTI endpoint."""
     import re
     from urllib.parse import urlsplit
 
+    from fs_zammad import zammad
+    from fs_zammad.config import url_variable
     from fs_zammad.delivery import probe_fields
-    from fs_zammad.zammad import ZammadClient
 
-    client = ZammadClient(url, settings.zammad_timeout, settings.zammad_verify)
+    client = zammad.ZammadClient(url, settings.zammad_timeout, settings.zammad_verify,
+                                 setting=url_variable(name))
     # Delivery's probe proves URL, TLS, token and CTI settings without
     # creating a line in the caller log.
     probe = probe_fields("check")
@@ -136,7 +138,11 @@ def _check_zammad(settings, url: str) -> tuple[bool, str]:
     where = client.redacted_url
     parts = urlsplit(url)
     status, detail = outcome.status, outcome.detail
-    if status == 500 and "No such call_id" in detail or status == 200:
+    if outcome.kind == zammad.NOT_ZAMMAD:  # the same words as the service's ERROR line
+        return False, f"{where}: {detail}"
+    if outcome.kind == zammad.THROTTLED:
+        return False, f"{where}: Zammad is busy (HTTP {status}): {detail}"
+    if status == 500 and "No such call_id" in detail or outcome.kind == zammad.DELIVERED:
         tls = "TLS ok" if parts.scheme == "https" else "plain HTTP (no TLS)"
         return True, (f"{where}: reachable, {tls}, token accepted, CTI enabled "
                       f"({outcome.elapsed_ms:.0f} ms)")
