@@ -54,6 +54,21 @@ def backoff(attempt: int, cap: float, base: float = 0.5, rng=random.random) -> f
     return delay * (0.5 + rng() / 2)
 
 
+#: What becomes of an event after an answer (see :func:`disposition`).
+SENT, UNSURE, SET_ASIDE, RETRY_LATER, WAIT = "sent", "unsure", "set_aside", "retry_later", "wait"
+
+
+def disposition(outcome: zammad.Outcome, once: bool) -> str:
+    """The event's fate after this answer (pure). ``once``: a hangup a second copy
+    would harm, which is never sent again after an answer that leaves open whether
+    Zammad processed it. WAIT: it stays first in line while everyone waits
+    (Zammad down, throttled, or something else answering for it)."""
+    if once and outcome.maybe_processed:
+        return UNSURE
+    return {zammad.DELIVERED: SENT, zammad.FAILED: SET_ASIDE,
+            zammad.RETRY: RETRY_LATER}.get(outcome.kind, WAIT)
+
+
 def probe_fields(purpose: str = "probe") -> tuple[tuple[str, str], ...]:
     """A request Zammad answers without storing anything (an answer for an unknown callId)."""
     return (("event", "answer"), ("direction", "in"),
@@ -172,19 +187,20 @@ class Delivery:
     def _settle(self, row: Row, outcome: zammad.Outcome) -> None:
         kind = outcome.kind
         error = f"HTTP {outcome.status}: {outcome.detail}" if outcome.status else outcome.detail
-        if row.once and outcome.maybe_processed:
+        fate = disposition(outcome, row.once)
+        if fate == UNSURE:
             why = f"{UNSURE_HANGUP} ({error}); {NOT_RESENT}"
             self.outbox.set_unsure(row, why)
             self._report(row, outcome, why, key=f"unsure:{outcome.status}")
-        elif kind == zammad.DELIVERED:
+        elif fate == SENT:
             self.outbox.delivered(row.id)
             self._throttled = False
             if outcome.action:
                 self.on_action(row, outcome.action)
-        elif kind == zammad.FAILED:
+        elif fate == SET_ASIDE:
             self.outbox.fail(row, error)
             self._report(row, outcome, outcome.detail)
-        elif kind == zammad.RETRY:
+        elif fate == RETRY_LATER:
             delay = backoff(row.attempts, self.retry_max)
             self.outbox.retry_later(row.id, time.time() + delay, error)
         else:  # down, throttled, not Zammad: the row waits with the rest
