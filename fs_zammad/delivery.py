@@ -179,7 +179,9 @@ class Delivery:
         except Exception as exc:  # a bug must not kill delivery; the row stays queued
             log.error("delivery of %s for call %s failed unexpectedly: %s: %s",
                       row.event, row.call_id, type(exc).__name__, exc)
-            self.outbox.retry_later(row.id, time.time() + self.retry_max, repr(exc)[:200])
+            # Only the type is stored: the text may quote a URL (the log line is redacted).
+            self.outbox.retry_later(row.id, time.time() + self.retry_max,
+                                    f"unexpected {type(exc).__name__} (see the log)")
         finally:
             self._inflight.pop(row.id, None)
             self._wake.set()
