@@ -158,8 +158,12 @@ class Delivery:
                 None, None, 0, 0.0
         elif outcome.kind in (zammad.NOT_ZAMMAD, zammad.THROTTLED):
             self._hold(outcome)
-        else:
-            self._pause()
+        else:  # what was in the way is gone, but Zammad does not answer (yet)
+            self.problem = None
+            if self.down_since is None:
+                self._hold(outcome)
+            else:
+                self._pause()
 
     def _pause(self) -> None:
         self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
@@ -215,13 +219,12 @@ class Delivery:
         """Everyone waits: Zammad is down, busy, or something else answers for it."""
         now = time.monotonic()
         if outcome.kind == zammad.NOT_ZAMMAD:
-            problem = f"Zammad{self._name}: {outcome.detail}"
+            problem, self.problem = self.problem, f"Zammad{self._name}: {outcome.detail}"
             if problem != self.problem:
                 log.error("%s. Nothing is lost: the events wait in the outbox (%d), and a "
                           "request that stores nothing asks every %.0f s until Zammad itself "
-                          "answers", problem, self.outbox.pending_for(self.instance),
+                          "answers", self.problem, self.outbox.pending_for(self.instance),
                           self.retry_max)
-            self.problem = problem
             self._paused_until = now + self.retry_max
         elif outcome.kind == zammad.THROTTLED:
             if not self._throttled:

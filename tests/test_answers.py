@@ -5,6 +5,7 @@ hangup a second copy would harm never sent again after an answer that may mean
 import email.utils
 import json
 import logging
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -276,6 +277,8 @@ def test_every_form_of_the_token_is_redacted(echo):
 
 
 def test_log_fields_are_redacted_in_text_and_json(capsys):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     logs.setup("INFO", "json", secrets=("tok-9d8e7f",))
     try:
         log = logging.getLogger("fs_zammad.sent")
@@ -285,7 +288,8 @@ def test_log_fields_are_redacted_in_text_and_json(capsys):
         logs.setup("INFO", "text", secrets=("tok-9d8e7f",))
         log.warning("hangup", extra={"event_fields": fields})
     finally:
-        logs.setup("WARNING", "text")
+        root.handlers[:], level = saved
+        root.setLevel(level)
     err = capsys.readouterr().err
     assert err.count("***") >= 3 and "9d8e7f" not in err, err
     assert json.loads(err.splitlines()[0])["detail"].endswith("/api/v1/cti/*** ***")
@@ -312,3 +316,49 @@ def test_the_client_passes_on_no_token(reply):
         assert server.requests[0].method == "POST" and len(server.requests) == 1  # not followed
     assert outcome.status == reply.status and token not in outcome.detail, outcome
     assert "***" in outcome.detail or "?…" in outcome.detail, outcome
+
+
+def test_delivery_holds_while_something_else_answers(caplog):
+    outbox = Outbox(":memory:")
+    outbox.record([Missed("c1", "newCall", False)])
+    page = classify("newCall", 200, LOGIN, "text/html")
+    client = ScriptedClient([page,                                             # the event
+                             page,                                             # probe: same page
+                             classify("answer", 503, "", "text/html"),         # probe: down
+                             page,                                             # probe: page again
+                             classify("answer", 429, "", "", retry_after=5.0),  # probe: busy
+                             classify("answer", 500, '{"error":"No such call_id x"}')])
+    delivery = Delivery(outbox, client, retry_max=0.01)
+    delivery._send(outbox.ready(1)[0])
+    assert delivery.problem.startswith("Zammad: ZAMMAD_CTI_URL answered HTTP 200 (text/html, "
+                                       "page title 'Sign in · Acme SSO')")
+    assert outbox.pending == 1 and outbox.counts() == {"pending": 1}
+    delivery._probe()
+    assert delivery.problem and delivery.down_since is None
+    delivery._probe()                 # the page is gone, Zammad behind it is down
+    assert delivery.problem is None and delivery.down_since is not None
+    delivery._probe()
+    assert delivery.problem is not None
+    delivery._probe()                 # asked to wait: nothing before then
+    assert delivery._paused_until - time.monotonic() > 4
+    delivery._probe()                 # Zammad itself answers
+    assert delivery.problem is None and delivery.down_since is None
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2  # once per episode, not per probe
+    assert [dict(f)["callId"].startswith("fs-zammad-probe") for f in client.sent] == \
+        [False] + [True] * 5  # only probes while it lasted
+
+
+def test_healthz_names_what_answers_instead_of_zammad():
+    from types import SimpleNamespace
+
+    from fs_zammad import metrics
+    service = SimpleNamespace(
+        esl=SimpleNamespace(connected=True),
+        outbox=SimpleNamespace(pending=3, oldest_pending_age=lambda: 1.0),
+        tracker=SimpleNamespace(calls={}),
+        deliveries={"": SimpleNamespace(problem=None),
+                    "acme": SimpleNamespace(problem="Zammad (acme): ZAMMAD_CTI_URL_ACME "
+                                                    "redirects to https://x/api/v1/cti/***")})
+    status, body = metrics.health(service)
+    assert status == 503 and body["reasons"] == [service.deliveries["acme"].problem]
