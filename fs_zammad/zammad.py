@@ -9,8 +9,9 @@ holds everything we know about the answers (see
   object with a JSON Content-Type (``{}`` or the reject/dial action).
   Any other 2xx, and every 3xx (never followed: requests would turn the
   POST into a GET), is ``not_zammad``: something else is in the way.
-* 401 (token) and 422 (CTI disabled, not configured, bad field) are
-  configuration errors: no retry fixes them.
+* 401 (token) and 422 (CTI disabled, not configured, bad field) with
+  Zammad's JSON error are configuration errors: no retry fixes them. A
+  401/403/404 page from something else is ``not_zammad``.
 * 500 "already exists" for a newCall means an earlier try was stored.
 * 500 "No such call_id" means the call's newCall never arrived: permanent.
 * 429/503 with Retry-After: ``throttled`` for that long (capped).
@@ -134,7 +135,8 @@ def _shown_target(url: str) -> str:
 
 
 def _not_zammads_answer(status: int, content_type: str, body: str, setting: str) -> Outcome:
-    """A 2xx that is not Zammad's JSON object: a login page, a proxy's page, a web site."""
+    """A 2xx that is not Zammad's JSON object, or a 401/403/404 that is not Zammad's JSON
+    error: a login page, a proxy's page, a web site."""
     title = page_title(body)
     words = [content_type.split(";")[0].strip() or "no Content-Type"]
     if title:
@@ -144,16 +146,16 @@ def _not_zammads_answer(status: int, content_type: str, body: str, setting: str)
     else:
         words.append("empty body")
     # An HTML page on a 200 is someone's page for people (a login form, a holding
-    # page, a web site), given instead of passing the request on. Anything else
-    # (Zammad's {} with a wrong Content-Type, a relay's "OK" or 202) may come
-    # from something that did pass it on.
-    is_page = status == 200 and body.lstrip().startswith("<")
+    # page, a web site), given instead of passing the request on; a 4xx refuses
+    # it. Any other 2xx (Zammad's {} with a wrong Content-Type, a relay's "OK"
+    # or 202) may come from something that did pass it on.
+    passed_on = 200 <= status < 300 and not (status == 200 and body.lstrip().startswith("<"))
     return Outcome(NOT_ZAMMAD, status,
                    f"{setting} answered HTTP {status} ({', '.join(words)}), not Zammad's CTI "
                    f"answer (a JSON object): a login page, a proxy or a wrong URL is in the "
                    f"way; set {setting} to Zammad's own https://<zammad>/api/v1/cti/<token> "
                    "and let the proxy pass /api/v1/cti/ to Zammad without a login",
-                   config_error=True, maybe_processed=not is_page)
+                   config_error=True, maybe_processed=passed_on)
 
 
 def _redirect(status: int, location: str, url: str, setting: str) -> Outcome:
@@ -165,10 +167,10 @@ def _redirect(status: int, location: str, url: str, setting: str) -> Outcome:
     target = urljoin(url, location.strip())
     shown = _shown_target(target)
     if "/api/v1/cti/" in urlsplit(target).path:
-        text = f"{setting} redirects to {shown} (HTTP {status}, not followed): set it to that URL"
+        text = f"{setting} redirects to {shown}: set it to that URL (HTTP {status}, not followed)"
     else:
-        text = (f"{setting} redirects to {shown} (HTTP {status}, not followed), not to Zammad's "
-                "CTI endpoint (a login or SSO gateway?): let /api/v1/cti/ through to Zammad "
+        text = (f"{setting} redirects to {shown}, not to Zammad's CTI endpoint (HTTP {status}, "
+                "not followed; a login or SSO gateway?): let /api/v1/cti/ through to Zammad "
                 f"without a login, or set {setting} to Zammad's own URL")
     return Outcome(NOT_ZAMMAD, status, text, config_error=True)
 
@@ -199,6 +201,9 @@ def classify(event: str, status: int, body: str, content_type: str = "applicatio
             return Outcome(FAILED, status, text or "No such call_id")
         # Zammad failed while processing: it may have stored the event first.
         return Outcome(RETRY, status, text or "server error", maybe_processed=True)
+    if status in (401, 403, 404, 405, 407) and not (
+            is_json_type(content_type) and (_json_object(body) or {}).get("error")):
+        return _not_zammads_answer(status, content_type, body, setting)  # a gateway, a web server
     if status in (401, 403, 404, 422):
         return Outcome(FAILED, status, text or f"HTTP {status}", config_error=True)
     if status == 503:  # the proxy (or Zammad) refused it before it was processed

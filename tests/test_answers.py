@@ -86,10 +86,13 @@ ANSWERS = [
      ZAMMAD_DOWN, WAIT, WAIT),
     (429, "", "", "hangup", RETRY, RETRY_LATER, RETRY_LATER),
     (408, "", "", "hangup", RETRY, RETRY_LATER, RETRY_LATER),
-    (404, HTML, "<html><title>404 Not Found</title></html>", "hangup", FAILED, SET_ASIDE,
-     SET_ASIDE),
-    (403, HTML, "<html><title>403 Forbidden</title></html>", "hangup", FAILED, SET_ASIDE,
-     SET_ASIDE),
+    (404, HTML, "<html><title>404 Not Found</title></html>", "hangup", NOT_ZAMMAD, WAIT, WAIT),
+    (403, HTML, "<html><title>403 Forbidden</title></html>", "hangup", NOT_ZAMMAD, WAIT, WAIT),
+    (401, "text/plain", "Unauthorized", "newCall", NOT_ZAMMAD, WAIT, WAIT),
+    (407, "", "", "hangup", NOT_ZAMMAD, WAIT, WAIT),
+    (404, JSON, '{"error":"No route matches [POST] /api/v1/ctix/x"}', "hangup", FAILED,
+     SET_ASIDE, SET_ASIDE),
+    (400, JSON, '{"error":"bad"}', "hangup", FAILED, SET_ASIDE, SET_ASIDE),
 ]
 
 
@@ -232,14 +235,14 @@ def test_retry_after_http_date_and_the_cap():
 
 @pytest.mark.parametrize("status,location,words", [
     (301, "https://zammad.acme.test/api/v1/cti/tok-9d8e7f",
-     "ZAMMAD_CTI_URL redirects to https://zammad.acme.test/api/v1/cti/*** (HTTP 301, not "
-     "followed): set it to that URL"),
+     "ZAMMAD_CTI_URL redirects to https://zammad.acme.test/api/v1/cti/***: set it to that URL "
+     "(HTTP 301, not followed)"),
     (308, "/zammad/api/v1/cti/tok-9d8e7f",
-     "redirects to https://helpdesk.acme.test/zammad/api/v1/cti/*** (HTTP 308, not followed): "
-     "set it to that URL"),
+     "redirects to https://helpdesk.acme.test/zammad/api/v1/cti/***: set it to that URL (HTTP "
+     "308, not followed)"),
     (302, "https://sso.acme.test/login?next=%2Fapi%2Fv1%2Fcti%2Ftok-9d8e7f",
-     "ZAMMAD_CTI_URL redirects to https://sso.acme.test/login?… (HTTP 302, not followed), not "
-     "to Zammad's CTI endpoint (a login or SSO gateway?)"),
+     "ZAMMAD_CTI_URL redirects to https://sso.acme.test/login?…, not to Zammad's CTI endpoint "
+     "(HTTP 302, not followed; a login or SSO gateway?)"),
     (303, "", "ZAMMAD_CTI_URL answered a redirect (HTTP 303) without a target"),
 ])
 def test_redirects_name_their_target_without_the_token(status, location, words):

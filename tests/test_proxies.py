@@ -103,13 +103,18 @@ NOT_ZAMMAD = {
                                                            f"<a href='/api/v1/cti/{t}'>x</a>",
                                                       "text/html"),
                                   "page title 'Acme GmbH - Home'"),
+    "basic auth in front": (lambda p, t: answer(401, "<html><head><title>401 Authorization "
+                                                     "Required</title></head></html>", "text/html",
+                                                WWW_Authenticate='Basic realm="intranet"'),
+                            "ZAMMAD_CTI_URL answered HTTP 401 (text/html, page title '401 "
+                            "Authorization Required'), not Zammad's CTI answer"),
     "302 to a login page": (lambda p, t: answer(302, "", Location="https://sso.acme.test/login?"
                                                                   f"next=/api/v1/cti/{t}"),
-                            "ZAMMAD_CTI_URL redirects to https://sso.acme.test/login?… (HTTP 302, "
-                            "not followed), not to Zammad's CTI endpoint"),
+                            "ZAMMAD_CTI_URL redirects to https://sso.acme.test/login?…, not to "
+                            "Zammad's CTI endpoint (HTTP 302, not followed"),
     "303 to a relative login path": (lambda p, t: answer(303, "", Location=f"/auth/{t}/login"),
                                      "ZAMMAD_CTI_URL redirects to http://127.0.0.1:{port}/auth/***"
-                                     "/login (HTTP 303, not followed)"),
+                                     "/login, not to Zammad's CTI endpoint (HTTP 303"),
 }
 
 
@@ -173,8 +178,8 @@ def test_a_redirect_names_the_url_to_set(case, start_service, fake_fs, zammad, p
     service = start_service(ZAMMAD_CTI_URL=wrong)
     expected = some_calls(fake_fs, "49302")
     target = right(proxy, zammad).rpartition("/")[0] + "/***"
-    service.wait_for_log(re.escape(f"ERROR   Zammad: ZAMMAD_CTI_URL redirects to {target} "
-                                   f"(HTTP {redirect.status}, not followed): set it to that URL"))
+    service.wait_for_log(re.escape(f"ERROR   Zammad: ZAMMAD_CTI_URL redirects to {target}: set "
+                                   f"it to that URL (HTTP {redirect.status}, not followed)"))
     check = run(service.env, "check")
     assert check.returncode == 1 and f"redirects to {target}" in check.stdout
     assert zammad.requests == [] and all(r.method == "POST" for r in proxy.requests)
