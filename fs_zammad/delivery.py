@@ -148,8 +148,8 @@ class Delivery:
         outcome = self.client.post(probe_fields())
         if outcome.kind in (zammad.DELIVERED, zammad.FAILED):   # any real answer from Zammad
             if self.problem is not None:
-                log.warning("Zammad%s itself answers again; sending the %d events that waited",
-                            self._name, self.outbox.pending_for(self.instance))
+                log.info("Zammad%s itself answers again; sending the %d events that waited",
+                         self._name, self.outbox.pending_for(self.instance))
             elif self.down_since is not None:
                 log.info("Zammad%s answers again after %.0f s; sending the backlog (%d events)",
                          self._name, time.monotonic() - self.down_since,
