@@ -40,7 +40,7 @@ from requests.adapters import HTTPAdapter
 
 from fs_zammad import __version__
 from fs_zammad.config import redact_url
-from fs_zammad.logs import redact, secret_pattern
+from fs_zammad.logs import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class ZammadClient:
         self.session.mount("https://", adapter)
         token = url.rstrip("/").rpartition("/")[2]
         # Zammad (and proxies) echo the path in their errors: no detail carries the token.
-        self._secrets = secret_pattern([token] if token else [])
+        self._redact = Redactor([token])
         self._last_used = 0.0
 
     @property
@@ -308,7 +308,7 @@ class ZammadClient:
                                                              time.time()),
                                url=self.url, setting=self.setting)
         elapsed = (time.monotonic() - started) * 1000
-        return Outcome(outcome.kind, outcome.status, redact(outcome.detail, self._secrets),
+        return Outcome(outcome.kind, outcome.status, self._redact(outcome.detail),
                        outcome.action, round(elapsed, 1), outcome.config_error,
                        outcome.maybe_processed, outcome.retry_after)
 
