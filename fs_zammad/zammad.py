@@ -183,7 +183,8 @@ def classify(event: str, status: int, body: str, content_type: str = "applicatio
     body = body or ""
     if 200 <= status < 300:
         data = _json_object(body) if is_json_type(content_type) else None
-        if status == 200 and data is not None:
+        # Zammad answers {} or an action; never an error with a 200 (an API gateway does).
+        if status == 200 and data is not None and ("error" not in data or "action" in data):
             return Outcome(DELIVERED, status, "", data if data.get("action") else None)
         return _not_zammads_answer(status, content_type, body, setting)
     if 300 <= status < 400:

@@ -69,6 +69,7 @@ ANSWERS = [
     (200, "text/html", "{}", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, "text/plain", "OK", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, JSON, "[]", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
+    (200, JSON, '{"error":"Unauthorized"}', "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, JSON, "", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (202, JSON, "{}", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (204, "", "", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
@@ -141,6 +142,7 @@ def test_only_zammads_own_answer_is_delivered(status, ctype, body, event, retry_
     if outcome.kind == DELIVERED:
         if status == 200:
             assert zammad.is_json_type(ctype) and isinstance(json.loads(body), dict)
+            assert "error" not in json.loads(body)
         else:
             assert (status, event) == (500, "newCall") and "already exists" in body
 

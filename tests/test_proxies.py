@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
+from tests import synth
 from tests.support.proxy import (
     FORWARD,
     FORWARD_THEN_CLOSE,
@@ -23,6 +24,7 @@ from tests.support.proxy import (
     forward_then_hang,
 )
 from tests.support.service import FS_ZAMMAD, ServiceProcess, base_env
+from tests.support.zammad_standin import ZammadStandIn
 from tests.test_e2e import emit_all
 from tests.test_faults import answered_call, missed_call
 from tests.test_ops import free_port, get
@@ -156,6 +158,39 @@ def test_only_zammads_own_answer_counts(case, start_service, fake_fs, zammad, pr
     for output in (service.log, check.stdout + check.stderr, json.dumps(health), metrics_text):
         for form in token_forms(zammad.token):
             assert form not in output
+
+
+def test_one_tenant_behind_a_login_page_never_delays_another(start_service, fake_fs, zammad,
+                                                             proxy):
+    """acme's URL leads to a login page: globex's calls go on; acme's wait, then arrive."""
+    proxy.behaviour = lambda request: answer(200, LOGIN_PAGE, "text/html")
+    port = free_port()
+    with ZammadStandIn(token="globex-tok-91") as globex:
+        service = start_service(
+            ZAMMAD_CTI_URL="", ZAMMAD_INSTANCES="acme,globex",
+            ZAMMAD_CTI_URL_ACME=proxy.url(zammad.token), ZAMMAD_CTI_URL_GLOBEX=globex.url,
+            ZAMMAD_ROUTES="did:4922147*=acme,did:4940*=globex", METRICS_PORT=port)
+        acme, globex_calls = {}, {}
+        for i in range(3):
+            for did, calls in (("492214710334", acme), ("4940999000", globex_calls)):
+                a = synth.caller(did=did, cid=f"4930555{i:03d}")
+                emit_all(fake_fs, [a.create(), a.execute("bridge"),
+                                   a.hangup("NORMAL_CLEARING", "recv_cancel")])
+                calls[a.uuid] = ("cancel", True, None)
+        assert_every_call_once(globex, globex_calls)
+        words = "Zammad (acme): ZAMMAD_CTI_URL_ACME answered HTTP 200 (text/html, page title " \
+                "'Sign in · Acme SSO')"
+        service.wait_for_log(re.escape(words))
+        assert healthz(port, 503)["reasons"][0].startswith(words)
+        check = run(service.env, "check")
+        assert check.returncode == 1 and "FAIL Zammad [acme] " in check.stdout
+        assert "ZAMMAD_CTI_URL_ACME answered HTTP 200" in check.stdout
+        assert "ok   Zammad [globex]" in check.stdout
+        proxy.behaviour = lambda request: FORWARD
+        assert_every_call_once(zammad, acme)
+        healthz(port, 200)
+        service.stop()
+        service.assert_no_secrets(globex.token, zammad.token)
 
 
 # case -> (configured path prefix, the redirect the proxy answers, the URL the admin sets)
