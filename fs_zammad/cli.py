@@ -247,6 +247,7 @@ def replay(settings, files: list[str], send: bool) -> int:
 
 
 def outbox_command(settings, action: str, call_id: str | None, unsure: bool = False) -> int:
+    from fs_zammad.logs import Redactor
     from fs_zammad.outbox import Outbox
 
     path = settings.state_dir / "outbox.sqlite3"
@@ -259,9 +260,10 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
         counts = outbox.counts()
         print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside, "
               f"{counts.get('unsure', 0)} unsure hangups")
+        redact = Redactor(settings.secrets)  # rows stored by older versions too
         for row_id, call, instance, event, state, attempts, error, _created in rows:
             print(f"{row_id}\t{call}\t{instance or 'default'}\t{event}\t{state}\t"
-                  f"attempts={attempts}\t{error}")
+                  f"attempts={attempts}\t{redact(error or '')}")
     else:
         count = outbox.retry_failed(call_id, unsure)
         print(f"{count} events put back in line; the running service sends them within seconds")

@@ -366,3 +366,20 @@ def test_healthz_names_what_answers_instead_of_zammad():
                                                     "redirects to https://x/api/v1/cti/***")})
     status, body = metrics.health(service)
     assert status == 503 and body["reasons"] == [service.deliveries["acme"].problem]
+
+
+def test_outbox_list_redacts_errors_stored_by_older_versions(tmp_path):
+    import subprocess
+
+    from tests.support.service import FS_ZAMMAD, base_env
+    token = "tok-77aa99"
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.record([Missed("c1", "newCall", False)])
+    outbox.db.execute("UPDATE outbox SET state='failed', last_error=?",
+                      (f"HTTP 404: No route matches [POST] /api/v1/cti/{token} (%74ok-77aa99)",))
+    outbox.close()
+    env = base_env(state_dir=tmp_path, ZAMMAD_CTI_URL=f"http://127.0.0.1:9/api/v1/cti/{token}")
+    listing = subprocess.run([FS_ZAMMAD, "outbox", "list"], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert "No route matches [POST] /api/v1/cti/*** (***)" in listing.stdout, listing
+    assert "77aa99" not in listing.stdout + listing.stderr
