@@ -68,15 +68,20 @@ class Outcome:
     retry_after: float = 0.0    # throttled: seconds before anything is sent again
 
 
+def _json_object(body: str) -> dict | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested beyond reason
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def error_text(body: str, limit: int = 200) -> str:
     """Zammad's error message from a JSON or HTML error body, on one line."""
     body = body or ""
-    try:
-        data = json.loads(body)
-        if isinstance(data, dict) and data.get("error"):
-            return " ".join(str(data["error"]).split())[:limit]
-    except ValueError:
-        pass
+    data = _json_object(body)
+    if data and data.get("error"):
+        return " ".join(str(data["error"]).split())[:limit]
     for pattern in (r"<h2[^>]*>(.*?)</h2>", r"<h1[^>]*>(.*?)</h1>", r"<title[^>]*>(.*?)</title>"):
         found = re.search(pattern, body, re.S | re.I)
         if found and found.group(1).strip():
@@ -92,16 +97,8 @@ def is_json_type(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-def _json_object(body: str) -> dict | None:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def page_title(body: str, limit: int = 80) -> str:
-    found = re.search(r"<title[^>]*>(.*?)</title>", body or "", re.S | re.I)
+    found = re.search(r"<title[^>]*>(.*?)</title>", (body or "")[:65536], re.S | re.I)
     return " ".join(html.unescape(found.group(1)).split())[:limit] if found else ""
 
 
@@ -142,7 +139,7 @@ def _not_zammads_answer(status: int, content_type: str, body: str, setting: str)
     if title:
         words.append(f"page title {title!r}")
     elif body.strip():
-        words.append(f"body {' '.join(body.split())[:60]!r}")
+        words.append(f"body {' '.join(body[:200].split())[:60]!r}")
     else:
         words.append("empty body")
     # An HTML page on a 200 is someone's page for people (a login form, a holding

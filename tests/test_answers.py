@@ -383,3 +383,10 @@ def test_outbox_list_redacts_errors_stored_by_older_versions(tmp_path):
                              capture_output=True, text=True, timeout=30)
     assert "No route matches [POST] /api/v1/cti/*** (***)" in listing.stdout, listing
     assert "77aa99" not in listing.stdout + listing.stderr
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000, '{"a":' * 100_000, "<title>" + "x" * 300_000])
+def test_hostile_bodies_give_one_line(body):
+    for status in (200, 404, 500):
+        outcome = classify("hangup", status, body, JSON)
+        assert outcome.kind != DELIVERED and len(outcome.detail) < 1000
