@@ -112,7 +112,7 @@ def check(settings) -> int:
     if settings.dry_run:
         say(None, "Zammad: ZAMMAD_CTI_URL is not set (dry run)")
     for name, url in settings.instances.items():
-        passed, what = _check_zammad(settings, url)
+        passed, what = _check_zammad(settings, url, name)
         say(passed, f"Zammad{f' [{name}]' if name else ''} {what}")
     if settings.api:
         from fs_zammad.zammad_api import ZammadApi, check_api
@@ -128,15 +128,17 @@ def check(settings) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _check_zammad(settings, url: str) -> tuple[bool, str]:
+def _check_zammad(settings, url: str, name: str = "") -> tuple[bool, str]:
     """(passed, "<redacted url>: what was found") for one CTI endpoint."""
     import re
     from urllib.parse import urlsplit
 
+    from fs_zammad import zammad
+    from fs_zammad.config import url_variable
     from fs_zammad.delivery import probe_fields
-    from fs_zammad.zammad import ZammadClient
 
-    client = ZammadClient(url, settings.zammad_timeout, settings.zammad_verify)
+    client = zammad.ZammadClient(url, settings.zammad_timeout, settings.zammad_verify,
+                                 setting=url_variable(name))
     # Delivery's probe proves URL, TLS, token and CTI settings without
     # creating a line in the caller log.
     probe = probe_fields("check")
@@ -147,7 +149,11 @@ def _check_zammad(settings, url: str) -> tuple[bool, str]:
     where = client.redacted_url
     parts = urlsplit(url)
     status, detail = outcome.status, outcome.detail
-    if status == 500 and "No such call_id" in detail or status == 200:
+    if outcome.kind == zammad.NOT_ZAMMAD:  # the same words as the service's ERROR line
+        return False, f"{where}: {detail}"
+    if outcome.kind == zammad.THROTTLED:
+        return False, f"{where}: Zammad is busy (HTTP {status}): {detail}"
+    if status == 500 and "No such call_id" in detail or outcome.kind == zammad.DELIVERED:
         tls = "TLS ok" if parts.scheme == "https" else "plain HTTP (no TLS)"
         return True, (f"{where}: reachable, {tls}, token accepted, CTI enabled "
                       f"({outcome.elapsed_ms:.0f} ms)")
@@ -252,6 +258,7 @@ def replay(settings, files: list[str], send: bool) -> int:
 
 
 def outbox_command(settings, action: str, call_id: str | None, unsure: bool = False) -> int:
+    from fs_zammad.logs import Redactor
     from fs_zammad.outbox import Outbox
 
     path = settings.state_dir / "outbox.sqlite3"
@@ -264,9 +271,10 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
         counts = outbox.counts()
         print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside, "
               f"{counts.get('unsure', 0)} unsure hangups")
+        redact = Redactor(settings.secrets)  # rows stored by older versions too
         for row_id, call, instance, event, state, attempts, error, _created in rows:
             print(f"{row_id}\t{call}\t{instance or 'default'}\t{event}\t{state}\t"
-                  f"attempts={attempts}\t{error}")
+                  f"attempts={attempts}\t{redact(error or '')}")
     else:
         count = outbox.retry_failed(call_id, unsure)
         print(f"{count} events put back in line; the running service sends them within seconds")

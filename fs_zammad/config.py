@@ -202,12 +202,17 @@ def _zammad_url(env, name: str = "ZAMMAD_CTI_URL") -> str:
     return url
 
 
+def url_variable(instance: str) -> str:
+    """The variable that holds an instance's CTI URL ("" = the default one)."""
+    return "ZAMMAD_CTI_URL_" + instance.upper().replace("-", "_") if instance else "ZAMMAD_CTI_URL"
+
+
 def _instances(env, default_url: str) -> dict[str, str]:
     instances = {"": default_url} if default_url else {}
     for name in _words(env, "ZAMMAD_INSTANCES"):
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"ZAMMAD_INSTANCES: {name!r} must be letters, digits, - or _")
-        var = "ZAMMAD_CTI_URL_" + name.upper().replace("-", "_")
+        var = url_variable(name)
         url = _zammad_url(env, var)
         if not url:
             raise ConfigError(f"ZAMMAD_INSTANCES names {name!r} but {var} is not set")

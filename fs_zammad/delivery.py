@@ -2,7 +2,7 @@
 
 One dispatcher greenlet takes the first pending event of each call from the
 outbox (never two of one call at once) and runs up to ``concurrency`` POSTs.
-What happens after an answer:
+What happens after an answer (zammad.classify; the README has the table):
 
 * delivered: the row is deleted.
 * Zammad down (connection refused, 502/503/504, TLS, no answer in time):
@@ -10,13 +10,22 @@ What happens after an answer:
   jitter) a probe asks Zammad about a call that does not exist, which stores
   nothing, and only its answer lets the queue move again. So no real event,
   least of all a hangup, is spent on finding out whether Zammad is back.
+* not Zammad's answer (a page instead of its JSON, a redirect): a
+  configuration error. The events stay; one ERROR line (and /healthz) says
+  what answered and what to fix; a probe every ``retry_max`` until Zammad
+  itself answers.
+* throttled (429/503 with Retry-After): nothing is sent before that time.
 * retry (a 500 Zammad did not explain, 429): this event waits, others go on.
 * failed (401/422, "No such call_id"): set aside, logged once per reason.
-* maybe sent (no answer in time after the request left): newCall and answer
-  are sent again later (a repeated newCall is answered "already exists"); a
-  hangup is set aside as ``unsure`` instead, because a second hangup turns a
-  missed call into a done one in Zammad. A hangup is marked in the outbox
-  before it is sent, so one cut off by a crash is treated the same way.
+* A hangup a second copy would harm (``Row.once``: an inbound call nobody
+  answered) is set aside as ``unsure`` after any answer that does not prove
+  Zammad left it alone (``Outcome.maybe_processed``: no answer in time, a
+  connection lost mid-request, an unexplained 500, 502, 504, ...): a second
+  hangup turns the missed call into a done one. Such a hangup is marked in
+  the outbox before it is sent, so one cut off by a crash is treated the
+  same way. Every other event is sent again after those answers: a repeated
+  newCall is answered "already exists", a repeated answer or other hangup
+  only moves a time.
 """
 
 from __future__ import annotations
@@ -35,14 +44,29 @@ from fs_zammad.outbox import Outbox, Row
 
 log = logging.getLogger("fs_zammad.delivery")
 
-AMBIGUOUS_HANGUP = "hangup may have reached Zammad (no answer in time); not resent, to " \
-                   "avoid a duplicate hangup"
+UNSURE_HANGUP = "hangup of a missed call may have reached Zammad"
+NOT_RESENT = "not resent: a second hangup would turn the missed call into a done one"
 
 
 def backoff(attempt: int, cap: float, base: float = 0.5, rng=random.random) -> float:
     """Exponential backoff with jitter: 50-100 % of min(cap, base * 2^attempt)."""
     delay = min(cap, base * (2 ** min(attempt, 30)))
     return delay * (0.5 + rng() / 2)
+
+
+#: What becomes of an event after an answer (see :func:`disposition`).
+SENT, UNSURE, SET_ASIDE, RETRY_LATER, WAIT = "sent", "unsure", "set_aside", "retry_later", "wait"
+
+
+def disposition(outcome: zammad.Outcome, once: bool) -> str:
+    """The event's fate after this answer (pure). ``once``: a hangup a second copy
+    would harm, which is never sent again after an answer that leaves open whether
+    Zammad processed it. WAIT: it stays first in line while everyone waits
+    (Zammad down, throttled, or something else answering for it)."""
+    if once and outcome.maybe_processed:
+        return UNSURE
+    return {zammad.DELIVERED: SENT, zammad.FAILED: SET_ASIDE,
+            zammad.RETRY: RETRY_LATER}.get(outcome.kind, WAIT)
 
 
 def probe_fields(purpose: str = "probe") -> tuple[tuple[str, str], ...]:
@@ -66,6 +90,9 @@ class Delivery:
         self._wake = Event()
         self._stopping = False
         self.down_since: float | None = None   # Zammad unreachable since (monotonic)
+        #: Something else answers instead of Zammad (its ERROR line): /healthz reports it.
+        self.problem: str | None = None
+        self._throttled = False
         self._down_failures = 0
         self._paused_until = 0.0
         self._reported: set[str] = set()
@@ -97,10 +124,10 @@ class Delivery:
         now = time.monotonic()
         if now < self._paused_until:
             return self._paused_until - now
-        if self.down_since is not None:
+        if self.down_since is not None or self.problem is not None:
             if not self._inflight:
                 self._probe()
-            return 0.0 if self.down_since is None else 0.5
+            return 0.0 if self.down_since is None and self.problem is None else 0.5
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return 1.0
@@ -118,14 +145,25 @@ class Delivery:
 
     def _probe(self) -> None:
         """Is Zammad back? Asked with a request that stores nothing."""
-        kind = self.client.post(probe_fields()).kind
-        if kind in (zammad.DELIVERED, zammad.FAILED):   # any real answer from Zammad
-            log.info("Zammad%s answers again after %.0f s; sending the backlog (%d events)",
-                     self._name, time.monotonic() - self.down_since,
-                     self.outbox.pending_for(self.instance))
-            self.down_since, self._down_failures, self._paused_until = None, 0, 0.0
-        else:
-            self._pause()
+        outcome = self.client.post(probe_fields())
+        if outcome.kind in (zammad.DELIVERED, zammad.FAILED):   # any real answer from Zammad
+            if self.problem is not None:
+                log.info("Zammad%s itself answers again; sending the %d events that waited",
+                         self._name, self.outbox.pending_for(self.instance))
+            elif self.down_since is not None:
+                log.info("Zammad%s answers again after %.0f s; sending the backlog (%d events)",
+                         self._name, time.monotonic() - self.down_since,
+                         self.outbox.pending_for(self.instance))
+            self.down_since, self.problem, self._down_failures, self._paused_until = \
+                None, None, 0, 0.0
+        elif outcome.kind in (zammad.NOT_ZAMMAD, zammad.THROTTLED):
+            self._hold(outcome)
+        else:  # what was in the way is gone, but Zammad does not answer (yet)
+            self.problem = None
+            if self.down_since is None:
+                self._hold(outcome)
+            else:
+                self._pause()
 
     def _pause(self) -> None:
         self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
@@ -133,62 +171,80 @@ class Delivery:
 
     def _send(self, row: Row) -> None:
         try:
-            if row.event == "hangup":
+            if row.once:  # so that a crash mid-request leaves it unsure, never resent
                 self.outbox.mark_sending(row.id)
             outcome = self.client.post(row.fields)
             self._settle(row, outcome)
         except gevent.GreenletExit:
-            if row.event == "hangup":
-                self.outbox.set_unsure(row, "stopped while sending; " + AMBIGUOUS_HANGUP)
+            if row.once:
+                self.outbox.set_unsure(row, f"{UNSURE_HANGUP} (stopped while sending); "
+                                            f"{NOT_RESENT}")
             raise
         except Exception as exc:  # a bug must not kill delivery; the row stays queued
             log.error("delivery of %s for call %s failed unexpectedly: %s: %s",
                       row.event, row.call_id, type(exc).__name__, exc)
-            self.outbox.retry_later(row.id, time.time() + self.retry_max, repr(exc)[:200])
+            # Only the type is stored: the text may quote a URL (the log line is redacted).
+            self.outbox.retry_later(row.id, time.time() + self.retry_max,
+                                    f"unexpected {type(exc).__name__} (see the log)")
         finally:
             self._inflight.pop(row.id, None)
             self._wake.set()
 
     def _settle(self, row: Row, outcome: zammad.Outcome) -> None:
         kind = outcome.kind
-        if kind == zammad.MAYBE_SENT:
-            if row.event == "hangup":
-                self.outbox.set_unsure(row, AMBIGUOUS_HANGUP)
-                self._report(row, outcome, AMBIGUOUS_HANGUP)
-            else:
-                self.outbox.attempted(row.id, outcome.detail)
-            self._zammad_down(outcome)
-        elif kind == zammad.DELIVERED:
+        error = f"HTTP {outcome.status}: {outcome.detail}" if outcome.status else outcome.detail
+        fate = disposition(outcome, row.once)
+        if fate == UNSURE:
+            why = f"{UNSURE_HANGUP} ({error}); {NOT_RESENT}"
+            self.outbox.set_unsure(row, why)
+            self._report(row, outcome, why, key=f"unsure:{outcome.status}")
+        elif fate == SENT:
             self.outbox.delivered(row.id)
+            self._throttled = False
             if outcome.action:
                 self.on_action(row, outcome.action)
-        elif kind == zammad.FAILED:
-            self.outbox.fail(row, f"HTTP {outcome.status}: {outcome.detail}")
+        elif fate == SET_ASIDE:
+            self.outbox.fail(row, error)
             self._report(row, outcome, outcome.detail)
-        elif kind == zammad.RETRY:
+        elif fate == RETRY_LATER:
             delay = backoff(row.attempts, self.retry_max)
-            self.outbox.retry_later(row.id, time.time() + delay,
-                                    f"HTTP {outcome.status}: {outcome.detail}")
-        else:  # Zammad down: it did not process the request
-            self.outbox.attempted(row.id, f"HTTP {outcome.status}: {outcome.detail}")
-            self._zammad_down(outcome)
+            self.outbox.retry_later(row.id, time.time() + delay, error)
+        else:  # down, throttled, not Zammad: the row waits with the rest
+            self.outbox.attempted(row.id, error)
+        if kind in (zammad.ZAMMAD_DOWN, zammad.NOT_ZAMMAD, zammad.THROTTLED):
+            self._hold(outcome)
         self.on_sent(row, outcome)
 
-    def _zammad_down(self, outcome: zammad.Outcome) -> None:
-        """Everyone waits; from now on only probes go out until Zammad answers."""
-        if self.down_since is None:
-            self.down_since = time.monotonic()
+    def _hold(self, outcome: zammad.Outcome) -> None:
+        """Everyone waits: Zammad is down, busy, or something else answers for it."""
+        now = time.monotonic()
+        if outcome.kind == zammad.NOT_ZAMMAD:
+            problem, self.problem = self.problem, f"Zammad{self._name}: {outcome.detail}"
+            if problem != self.problem:
+                log.error("%s. Nothing is lost: the events wait in the outbox (%d), and a "
+                          "request that stores nothing asks every %.0f s until Zammad itself "
+                          "answers", self.problem, self.outbox.pending_for(self.instance),
+                          self.retry_max)
+            self._paused_until = now + self.retry_max
+        elif outcome.kind == zammad.THROTTLED:
+            if not self._throttled:
+                log.warning("Zammad%s is busy (HTTP %d): %s; nothing is sent to it before then",
+                            self._name, outcome.status, outcome.detail)
+            self._throttled = True
+            self._paused_until = max(self._paused_until, now + outcome.retry_after)
+        elif self.down_since is None:
+            self.down_since = now
             log.warning("Zammad%s unreachable: %s%s; events wait in the outbox and are sent "
                         "once it answers again", self._name,
                         f"HTTP {outcome.status}: " if outcome.status else "", outcome.detail)
             self._pause()
 
-    def _report(self, row: Row, outcome: zammad.Outcome, why: str) -> None:
-        """Log a permanent failure: loudly the first time per reason, quietly after."""
-        key = f"{outcome.status}:{why.replace(row.call_id, '<callId>')}"
-        if row.event == "hangup" and why == AMBIGUOUS_HANGUP:
+    def _report(self, row: Row, outcome: zammad.Outcome, why: str, key: str = "") -> None:
+        """Log a row set aside: loudly the first time per reason, quietly after."""
+        key = key or f"{outcome.status}:{why.replace(row.call_id, '<callId>')}"
+        if key.startswith("unsure:"):
             hint = ("'fs-zammad outbox list' shows it; send it again only if Zammad's caller log "
-                    f"shows the call still open: 'fs-zammad outbox retry --unsure --call "
+                    f"shows the call still ringing: 'fs-zammad outbox retry --unsure --call "
                     f"{row.call_id}'")
         elif outcome.config_error:
             hint = "fix the setting, then run 'fs-zammad outbox retry' to send the events set aside"
@@ -202,7 +258,9 @@ class Delivery:
     def drain(self, deadline: float) -> bool:
         """Keep sending until the outbox is empty or the deadline; True if empty."""
         while time.monotonic() < deadline:
-            if self.idle or (self.down_since is not None and not self._inflight):
+            held = self.down_since is not None or self.problem is not None \
+                or time.monotonic() < self._paused_until
+            if self.idle or (held and not self._inflight):
                 break
             self._wake.set()
             gevent.sleep(0.02)

@@ -1,14 +1,17 @@
 """Log lines for ``docker logs``: text for people, JSON for log shippers.
 
 Both formats carry the same fields. A filter masks every secret (ESL
-password, Zammad token) in the message and in exception text, so neither can
-leak through a third-party error message.
+password, Zammad token), also percent-encoded or HTML-escaped, in the
+message, the exception text and the structured fields, so neither can leak
+through a third-party error message.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 import sys
 import time
 
@@ -16,21 +19,74 @@ _FIELD_ORDER = ("event", "callId", "direction", "from", "to", "user", "cause", "
                 "result", "detail")
 
 
+def _char_forms(char: str) -> str:
+    """A regex for one character of a secret as it may come back to us: itself,
+    percent-encoded (either hex case: servers echo the path as they got it) or
+    HTML-escaped (an error page)."""
+    encoded = "".join(f"%{b:02X}" for b in char.encode("utf-8"))
+    hex_any_case = "".join(f"[{c}{c.lower()}]" if c.isalpha() else re.escape(c)
+                           for c in encoded)
+    forms = [re.escape(char), hex_any_case]
+    if html.escape(char) != char:
+        forms.append(re.escape(html.escape(char)))
+    if char == " ":
+        forms.append(r"\+")
+    return "(?:" + "|".join(forms) + ")"
+
+
+class Redactor:
+    """Replaces every secret with ``***``: as it is, percent-encoded (either hex
+    case) or HTML-escaped. Text without ``%`` or ``&`` (nearly every log line)
+    takes the quick path of plain replacement."""
+
+    def __init__(self, secrets):
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.pattern = re.compile("|".join("".join(_char_forms(c) for c in s)
+                                           for s in self.secrets)) if self.secrets else None
+        self._encoded_marks = "%&" + ("+" if any(" " in s for s in self.secrets) else "")
+
+    def needed(self, text: str) -> bool:
+        """Could ``text`` hold a secret in any form?"""
+        for mark in self._encoded_marks:
+            if mark in text:
+                return True
+        for secret in self.secrets:
+            if secret in text:
+                return True
+        return False
+
+    def __call__(self, text: str) -> str:
+        if not text or not self.needed(text):
+            return text
+        for mark in self._encoded_marks:
+            if mark in text:
+                return self.pattern.sub("***", text)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
 class RedactSecrets(logging.Filter):
+    """Masks secrets in the message, the exception text and every structured field:
+    Zammad's and proxies' words (which may echo the CTI path) travel in all three."""
+
     def __init__(self, secrets):
         super().__init__()
-        self.secrets = tuple(s for s in secrets if s)
+        self.redact = Redactor(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
+        redact = self.redact
+        if redact.secrets:
             if record.exc_info and not record.exc_text:
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
-            for secret in self.secrets:
-                message = message.replace(secret, "***")
-                if record.exc_text:
-                    record.exc_text = record.exc_text.replace(secret, "***")
-            record.msg, record.args = message, None
+            record.msg, record.args = redact(record.getMessage()), None
+            if record.exc_text:
+                record.exc_text = redact(record.exc_text)
+            fields = getattr(record, "event_fields", None)
+            if fields and redact.needed("\n".join(v for v in fields.values()
+                                                  if isinstance(v, str))):
+                record.event_fields = {k: redact(v) if isinstance(v, str) else v
+                                       for k, v in fields.items()}
         return True
 
 

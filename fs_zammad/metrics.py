@@ -72,6 +72,8 @@ def health(service) -> tuple[int, dict]:
     reasons = []
     if not service.esl.connected:
         reasons.append("not connected to FreeSWITCH")
+    # Something else answers instead of Zammad (a login page, a redirect).
+    reasons += [d.problem for d in service.deliveries.values() if d.problem]
     age = service.outbox.oldest_pending_age()
     if age > STUCK_AFTER:
         reasons.append(f"outbox stuck: oldest event waits {age:.0f} s "

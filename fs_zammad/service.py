@@ -30,7 +30,7 @@ from fs_zammad.calls import (
     channels_to_headers,
 )
 from fs_zammad.causes import CauseMapper
-from fs_zammad.config import Settings
+from fs_zammad.config import Settings, url_variable
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
 from fs_zammad.outbox import Outbox
@@ -77,7 +77,7 @@ class Service:
         # queue in the outbox: one tenant's outage never delays another's calls.
         clients = {"": DryRunClient()} if settings.dry_run else {
             name: ZammadClient(url, settings.zammad_timeout, settings.zammad_verify,
-                               pool_size=settings.zammad_concurrency)
+                               pool_size=settings.zammad_concurrency, setting=url_variable(name))
             for name, url in settings.instances.items()}
         self.deliveries = {
             name: Delivery(self.outbox, client, settings.zammad_concurrency,

@@ -89,7 +89,7 @@ def fake_service(connected=True, oldest=0.0, pending=0, calls=0):
     return SimpleNamespace(
         esl=SimpleNamespace(connected=connected),
         outbox=SimpleNamespace(pending=pending, oldest_pending_age=lambda: oldest),
-        tracker=SimpleNamespace(calls={str(i): None for i in range(calls)}))
+        tracker=SimpleNamespace(calls={str(i): None for i in range(calls)}), deliveries={})
 
 
 def test_health_reports_a_stuck_outbox(monkeypatch):
