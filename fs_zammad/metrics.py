@@ -41,6 +41,11 @@ ESL_RECONNECTS = Counter("fs_zammad_esl_reconnects", "Reconnects to FreeSWITCH s
 OUTBOX_DEPTH = Gauge("fs_zammad_outbox_pending", "Events waiting in the outbox", registry=REGISTRY)
 OUTBOX_FAILED = Gauge("fs_zammad_outbox_failed", "Events set aside (see fs-zammad outbox list)",
                       registry=REGISTRY)
+OUTBOX_UNSURE = Gauge("fs_zammad_outbox_unsure",
+                      "Hangups that may have reached Zammad, waiting for a decision "
+                      "(fs-zammad outbox list; retry --unsure)", registry=REGISTRY)
+OUTBOX_MAX = Gauge("fs_zammad_outbox_max_events",
+                   "OUTBOX_MAX_EVENTS: pending events beyond it refuse new calls", registry=REGISTRY)
 OUTBOX_AGE = Gauge("fs_zammad_outbox_oldest_seconds", "Age of the oldest waiting event",
                    registry=REGISTRY)
 CALLS = Gauge("fs_zammad_calls_in_progress", "Calls being followed", registry=REGISTRY)
@@ -58,6 +63,8 @@ def bind(service) -> None:
     OUTBOX_DEPTH.set_function(lambda: service.outbox.pending)
     OUTBOX_AGE.set_function(lambda: service.outbox.oldest_pending_age())
     OUTBOX_FAILED.set_function(lambda: service.outbox.counts().get("failed", 0))
+    OUTBOX_UNSURE.set_function(lambda: service.outbox.counts().get("unsure", 0))
+    OUTBOX_MAX.set(service.outbox.max_events)
     CALLS.set_function(lambda: len(service.tracker.calls))
 
 
