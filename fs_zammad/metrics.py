@@ -32,6 +32,9 @@ LATENCY = Histogram("fs_zammad_delivery_seconds",
                     "From storing an event in the outbox to Zammad accepting it",
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
                              1800), registry=REGISTRY)
+CALLS_ENDED = Counter("fs_zammad_calls_ended_total",
+                      "Calls whose hangup Zammad accepted, by direction and Zammad cause",
+                      ["direction", "cause"], registry=REGISTRY)
 OUTBOX_REFUSED = Counter("fs_zammad_outbox_refused_total",
                          "Zammad events dropped because the outbox was full", registry=REGISTRY)
 ESL_CONNECTED = Gauge("fs_zammad_esl_connected", "1 while connected to FreeSWITCH",
@@ -72,6 +75,9 @@ def observe_sent(row, outcome) -> None:
     SENT.labels(row.event, str(outcome.status), outcome.kind).inc()
     if outcome.kind == "delivered":
         LATENCY.observe(max(0.0, time.time() - row.created))
+        if row.event == "hangup":
+            fields = dict(row.fields)
+            CALLS_ENDED.labels(fields.get("direction", ""), fields.get("cause", "")).inc()
 
 
 def health(service) -> tuple[int, dict]:

@@ -4,6 +4,7 @@ the real ``fs-zammad`` process, not by reading their text."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from datetime import datetime
@@ -26,9 +27,45 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "conf" / "prometheus" / "fs-zammad.rules.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "fs-zammad.test.yml"
 EXAMPLE_CONFIG = ROOT / "conf" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "conf" / "grafana" / "fs-zammad.json"
 
 #: A metric selector in PromQL: a series name the service (or Prometheus: up) has.
 SELECTOR = re.compile(r"\b(fs_zammad_\w+|up)\b(\{[^}]*\})?")
+
+
+#: PromQL words that are neither metric nor function names.
+KEYWORDS = frozenset("by without on ignoring group_left group_right and or unless bool offset "
+                     "inf nan".split())
+GROUPING = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) that a PromQL expression reads."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    labels = {label for matchers in re.findall(r"\{([^}]*)\}", expr)
+              for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers)}
+    labels |= {label for grouping in re.findall(GROUPING, expr)
+               for label in re.findall(r"[a-zA-Z_]\w*", grouping)}
+    rest = re.sub(GROUPING, " ", re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr))
+    names = {word for word, call in re.findall(r"(?<![\w.])([a-zA-Z_:][\w:]*)(\s*\()?", rest)
+             if not call and word.lower() not in KEYWORDS}
+    return names, labels
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    """(panel title, expr) of every query on the dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"]) for panel in board["panels"]
+            for target in panel.get("targets", [])]
+
+
+def as_promql(expr: str, rate_interval: str = "1m") -> str:
+    """A dashboard query with Grafana's variables filled in as Grafana would."""
+    for variable, value in (("$__rate_interval", rate_interval), ("$__interval", rate_interval),
+                            ("$__range", "1h"), ("$instance", ".*")):
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unknown dashboard variable in {expr}"
+    return expr
 
 
 def stamp(rfc3339: str) -> float:
@@ -166,6 +203,10 @@ def test_prometheus_scrapes_the_service_and_alerts_when_freeswitch_goes(start_se
         assert {name: rule["health"] for name, rule in healthy.items()} == \
             {name: "ok" for name in healthy}, healthy
 
+        # Every dashboard query finds series on the real server.
+        for title, expr in dashboard_targets():
+            assert prometheus.query(as_promql(expr, rate_interval="10s")), f"{title}: {expr}"
+
         # FreeSWITCH goes away (and stays away): the alert fires.
         fake_fs.pause_accepting()
         fake_fs.drop(notice=False)
@@ -182,3 +223,92 @@ def test_prometheus_scrapes_the_service_and_alerts_when_freeswitch_goes(start_se
         others = {name for name, rule in prometheus.alert_rules().items()
                   if rule["state"] != "inactive"}
         assert others == {"FsZammadFreeSwitchDisconnected"}
+
+
+# -- the Grafana dashboard ---------------------------------------------------------
+
+
+def test_dashboard_is_an_importable_dashboard_with_the_panels_an_operator_needs():
+    board = json.loads(DASHBOARD.read_text())
+    assert board["title"] and re.fullmatch(r"[\w-]{1,40}", board["uid"])
+    assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] >= 36
+    assert "id" not in board or board["id"] is None  # an id would clash on import
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    source = {"type": "prometheus", "uid": "${datasource}"}
+    ids, occupied = set(), set()
+    for panel in board["panels"]:
+        title = panel["title"]
+        assert title and panel["type"] in ("timeseries", "stat", "gauge", "bargauge", "table")
+        assert panel["id"] not in ids, title
+        ids.add(panel["id"])
+        assert panel["datasource"] == source, title
+        grid = panel["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                 for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not cells & occupied, f"{title} overlaps another panel"
+        occupied |= cells
+        refs = [target["refId"] for target in panel["targets"]]
+        assert refs and len(set(refs)) == len(refs), title
+        for target in panel["targets"]:
+            assert target["datasource"] == source and target["expr"].strip(), title
+            for variable in re.findall(r"\$(\w+)", target["expr"]):
+                assert variable.startswith("__") or variable in variables, (title, variable)
+    queries = " ".join(expr for _title, expr in dashboard_targets())
+    for wanted in ("sum by (direction, cause) (rate(fs_zammad_calls_ended_total",
+                   "sum by (event, result) (rate(fs_zammad_zammad_requests_total",
+                   "histogram_quantile(0.5, sum by (le) (rate(fs_zammad_delivery_seconds_bucket",
+                   "histogram_quantile(0.99, sum by (le) (rate(fs_zammad_delivery_seconds_bucket",
+                   "fs_zammad_outbox_pending", "fs_zammad_outbox_oldest_seconds",
+                   "fs_zammad_outbox_failed", "fs_zammad_outbox_unsure",
+                   "fs_zammad_esl_connected", "fs_zammad_esl_reconnects_total",
+                   "fs_zammad_calls_in_progress"):
+        assert wanted in queries, wanted
+
+
+def test_every_dashboard_query_parses(tmp_path):
+    targets = dashboard_targets()
+    queries = tmp_path / "dashboard-queries.yml"
+    queries.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{n}", "expr": as_promql(expr)}
+        for n, (_title, expr) in enumerate(targets)]}]}))
+    result = promtool("check", "rules", str(queries))
+    assert result.returncode == 0 and f"SUCCESS: {len(targets)} rules found" in result.stdout, \
+        result.stdout + result.stderr
+
+
+def test_alerts_and_dashboard_read_only_what_the_service_exports(start_service, fake_fs):
+    _service, port = start_with_a_call(start_service, fake_fs)
+    _status, text = get(port, "/metrics")
+    exported: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for one in family.samples:
+            exported.setdefault(one.name, set()).update(one.labels)
+    # Prometheus adds these to every series it scrapes.
+    exported = {name: labels | {"instance", "job"} for name, labels in exported.items()}
+    exported["up"] = {"instance", "job"}
+    queries = dashboard_targets() + [(rule["alert"], rule["expr"]) for rule in alert_rules()]
+    assert len(queries) > 20
+    for title, expr in queries:
+        names, labels = promql_names(expr)
+        assert names, (title, expr)
+        unknown = names - exported.keys()
+        assert not unknown, f"{title}: {sorted(unknown)} not exported by the service"
+        known_labels = set().union(*(exported[name] for name in names))
+        assert labels <= known_labels, f"{title}: no label {sorted(labels - known_labels)}"
+
+
+def test_promql_names_reads_names_and_labels():
+    """The reader the check above relies on, on the shapes the queries use."""
+    cases = {
+        'sum by (event, result) (rate(a_total{instance=~"$x", x="{y}"}[5m]))':
+            ({"a_total"}, {"event", "result", "instance", "x"}),
+        "histogram_quantile(0.99, sum by (le) (rate(b_bucket[1m])))": ({"b_bucket"}, {"le"}),
+        "max(c / d) > 0.5 and on (instance) e offset 5m": ({"c", "d", "e"}, {"instance"}),
+        'absent(up{job="fs-zammad"})': ({"up"}, {"job"}),
+        "increase(f_total[10m]) > 1e3": ({"f_total"}, set()),
+    }
+    for expr, expected in cases.items():
+        assert promql_names(expr) == expected, expr
