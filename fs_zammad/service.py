@@ -33,6 +33,7 @@ from fs_zammad.causes import CauseMapper
 from fs_zammad.config import Settings
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
+from fs_zammad.notify import Notifier
 from fs_zammad.outbox import Outbox
 from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient
@@ -93,6 +94,7 @@ class Service:
         self._batch: list = []  # Zammad events not yet written (see on_event)
         self.stop_requested = Event()
         self.failed = False  # a worker died or the outbox cannot be written: exit 1
+        self.notifier = Notifier()  # systemd Type=notify; does nothing elsewhere
         metrics.bind(self)
 
     def _saved_calls(self) -> list[Call]:
@@ -178,6 +180,11 @@ class Service:
         metrics.ESL_CONNECTED.set(connected)
         if connected and self.esl.reconnects:
             metrics.ESL_RECONNECTS.inc()
+        # Ready once connected (the outbox is open since __init__); again is harmless.
+        if connected:
+            self.notifier.send("READY=1", "STATUS=connected to FreeSWITCH")
+        elif not self.stop_requested.is_set():
+            self.notifier.send("STATUS=not connected to FreeSWITCH, reconnecting")
 
     def _fail(self, why: str) -> None:
         if not self.failed:
@@ -249,6 +256,10 @@ class Service:
         checkpointer = gevent.spawn(self._checkpoint_loop)
         workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop), checkpointer]
         workers += [gevent.spawn(delivery.run) for delivery in self.deliveries.values()]
+        # The watchdog pings from this event loop only while every worker lives.
+        workers.append(gevent.spawn(self.notifier.watchdog,
+                                    lambda: not any(worker.dead for worker in workers),
+                                    self.stop_requested))
         for worker in workers:
             worker.link_exception(lambda g: self._fail(f"internal error: {g.exception!r}"))
         server = metrics.serve(self) if settings.metrics_port else None
@@ -258,6 +269,7 @@ class Service:
 
     def _shutdown(self, workers, server, checkpointer) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.notifier.send("STOPPING=1", "STATUS=stopping: sending what is queued")
         log.info("stopping: no more events from FreeSWITCH; sending what is queued (up to "
                  "%.0f s)", self.settings.shutdown_timeout)
         self.esl.stop()                      # 1. stop accepting
