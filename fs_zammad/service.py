@@ -198,12 +198,14 @@ class Service:
         fields = dict(row.fields)
         metrics.observe_sent(row, outcome)
         level = logging.INFO if outcome.kind == "delivered" else logging.WARNING
-        sent_log.log(level, "%s %s", row.event, outcome.kind, extra={"event_fields": {
+        # The dry run accepts everything: say what it did instead of "delivered".
+        result, detail = ("dry-run", "not sent: ZAMMAD_CTI_URL is unset") \
+            if self.settings.dry_run else (outcome.kind, outcome.detail or None)
+        sent_log.log(level, "%s %s", row.event, result, extra={"event_fields": {
             "event": row.event, "callId": row.call_id, "direction": fields.get("direction"),
             "from": fields.get("from"), "to": fields.get("to"), "user": fields.get("user"),
             "cause": fields.get("cause"), "status": outcome.status or None,
-            "ms": outcome.elapsed_ms, "result": outcome.kind,
-            "detail": outcome.detail or None}})
+            "ms": outcome.elapsed_ms, "result": result, "detail": detail}})
 
     def _on_action(self, row, action: dict) -> None:
         kind = action.get("action")
