@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("files", nargs="+", metavar="FILE",
                         help="captured event-socket byte streams (text/event-plain frames)")
     replay.add_argument("--send", action="store_true", help="POST them to ZAMMAD_CTI_URL")
+    capture = sub.add_parser("capture", help="record FreeSWITCH's events to FILE, byte for byte "
+                                             "as replay reads them (the password never)")
+    capture.add_argument("file", metavar="FILE")
+    capture.add_argument("--seconds", type=float, metavar="N",
+                         help="stop after N seconds (default: at Ctrl-C or SIGTERM)")
+    capture.add_argument("--call", metavar="UUID",
+                         help="only the legs of this call (its callId in Zammad and the log)")
+    capture.add_argument("--all", action="store_true", dest="all_events",
+                         help="every event, not only those fs-zammad reads")
     outbox = sub.add_parser("outbox", help="show or replay events Zammad refused")
     outbox.add_argument("action", choices=("list", "retry"))
     outbox.add_argument("--call", metavar="CALL_ID", help="only this call (retry)")
@@ -81,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return health(settings)
     if command == "replay":
         return replay(settings, args.files, args.send)
+    if command == "capture":
+        from fs_zammad.capture import capture
+
+        return capture(settings, args.file, args.seconds, args.call, args.all_events)
     return outbox_command(settings, args.action, args.call, args.unsure)
 
 

@@ -66,8 +66,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("QUEUE_DOMAIN", "strip", "queue names (mod_callcenter, mod_fifo): strip (support) or keep (support@default)"),
     ("REJECT_BLOCKED", "false", "hang up callers Zammad's block list rejects (true/false)"),
     ("REJECT_CAUSE", "USER_BUSY", "hangup cause used for rejected callers"),
-    ("STATE_DIR", "/var/lib/fs-zammad", "directory of the outbox database; if not writable: "
-                                        "$XDG_STATE_HOME/fs-zammad"),
+    ("STATE_DIR", "/var/lib/fs-zammad", "directory of the outbox database; unset: "
+                                        "/var/lib/fs-zammad if that directory exists and is "
+                                        "writable, else $XDG_STATE_HOME/fs-zammad (default "
+                                        "~/.local/state/fs-zammad); set but not writable: the "
+                                        "service does not start"),
     ("OUTBOX_MAX_EVENTS", "200000", "outbox size cap; new events beyond it are refused and counted"),
     ("MAX_CALL_SECONDS", "14400", "a call with no hangup after this long is ended (cause from "
                                   "what is known)"),

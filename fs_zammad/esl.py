@@ -99,9 +99,10 @@ class _Frame:
 class _Connection(InboundESL):
     """greenswitch's InboundESL with a reader that cannot hang, spin or bloat."""
 
-    def __init__(self, host, port, password, timeout, on_broken, keep=None):
+    def __init__(self, host, port, password, timeout, on_broken, keep=None, on_frame=None):
         super().__init__(host, port, password, timeout=timeout)
         self._keep = keep  # which headers to parse (None: all)
+        self._on_frame = on_frame  # (body bytes as received, headers) of each event: capture
         # greenswitch's queue is unbounded: a burst would pile up in memory.
         # Bounded, a full queue stops the reader and FreeSWITCH buffers for us.
         self._esl_event_queue = Queue(maxsize=EVENT_BUFFER)
@@ -155,28 +156,36 @@ class _Connection(InboundESL):
             headers[name] = value
 
     @staticmethod
-    def _read_socket(sock, length):
+    def _read_bytes(sock, length) -> bytes:
         data = b""  # read() waits for all `length` bytes: one call, no copy, in practice
         while len(data) < length:
             chunk = sock.read(length - len(data))
             if not chunk:
                 raise EOFError(f"connection closed inside a frame ({len(data)} of {length} bytes)")
             data += chunk
-        return data.decode("utf-8", errors="replace")
+        return data
+
+    @classmethod
+    def _read_socket(cls, sock, length):
+        return cls._read_bytes(sock, length).decode("utf-8", errors="replace")
 
     def handle_event(self, event):
         headers = event.headers
         content_type = headers.get("Content-Type")
         if content_type in ("text/event-plain", "text/event-json", "log/data") or (
                 content_type is None and "Content-Length" in headers):
-            body = self._read_socket(self.sock_file, self._length(headers, MAX_EVENT_BODY))
+            body = self._read_bytes(self.sock_file, self._length(headers, MAX_EVENT_BODY))
             if content_type != "text/event-plain":
                 log.warning("skipped a frame of type %s from FreeSWITCH", content_type or "(none)")
                 return
             try:
-                self._esl_event_queue.put(ParsedEvent(parse_event_plain(body, self._keep)))
+                parsed = parse_event_plain(body, self._keep)
             except FrameError as exc:
                 log.warning("skipped a malformed event from FreeSWITCH: %s", exc)
+                return
+            if self._on_frame is not None:
+                self._on_frame(body, parsed)
+            self._esl_event_queue.put(ParsedEvent(parsed))
             return
         if content_type == "text/disconnect-notice":
             body = self._read_socket(self.sock_file, self._length(headers)) \
@@ -241,7 +250,7 @@ class EslSupervisor:
 
     def __init__(self, host: str, port: int, password: str, timeout: float = 5.0,
                  liveness: float = 60.0, reconnect_max: float = 30.0, events=("ALL",),
-                 keep=None, on_event=None, on_connected=None, on_state=None):
+                 keep=None, on_event=None, on_connected=None, on_state=None, on_frame=None):
         self.host, self.port, self._password = host, port, password
         self.timeout = timeout
         self.liveness = liveness
@@ -253,6 +262,7 @@ class EslSupervisor:
         self.on_event = on_event or (lambda headers: None)
         self.on_connected = on_connected or (lambda supervisor: None)
         self.on_state = on_state or (lambda connected: None)
+        self.on_frame = on_frame  # sees each event's bytes as received (fs-zammad capture)
         self.connected = False
         self.reconnects = 0
         self._conn: _Connection | None = None
@@ -270,7 +280,7 @@ class EslSupervisor:
         """Connect, authenticate and subscribe within ``timeout`` each."""
         self._broken.clear()
         conn = _Connection(self.host, self.port, self._password, self.timeout, self._broken.set,
-                           self.keep)
+                           self.keep, self.on_frame)
         conn.register_handle("*", self._dispatch)
         try:
             with gevent.Timeout(self.timeout, EslError(

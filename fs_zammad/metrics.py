@@ -32,6 +32,9 @@ LATENCY = Histogram("fs_zammad_delivery_seconds",
                     "From storing an event in the outbox to Zammad accepting it",
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
                              1800), registry=REGISTRY)
+CALLS_ENDED = Counter("fs_zammad_calls_ended_total",
+                      "Calls whose hangup Zammad accepted, by direction and Zammad cause",
+                      ["direction", "cause"], registry=REGISTRY)
 OUTBOX_REFUSED = Counter("fs_zammad_outbox_refused_total",
                          "Zammad events dropped because the outbox was full", registry=REGISTRY)
 ESL_CONNECTED = Gauge("fs_zammad_esl_connected", "1 while connected to FreeSWITCH",
@@ -41,6 +44,11 @@ ESL_RECONNECTS = Counter("fs_zammad_esl_reconnects", "Reconnects to FreeSWITCH s
 OUTBOX_DEPTH = Gauge("fs_zammad_outbox_pending", "Events waiting in the outbox", registry=REGISTRY)
 OUTBOX_FAILED = Gauge("fs_zammad_outbox_failed", "Events set aside (see fs-zammad outbox list)",
                       registry=REGISTRY)
+OUTBOX_UNSURE = Gauge("fs_zammad_outbox_unsure",
+                      "Hangups that may have reached Zammad, waiting for a decision "
+                      "(fs-zammad outbox list; retry --unsure)", registry=REGISTRY)
+OUTBOX_MAX = Gauge("fs_zammad_outbox_max_events",
+                   "OUTBOX_MAX_EVENTS: pending events beyond it refuse new calls", registry=REGISTRY)
 OUTBOX_AGE = Gauge("fs_zammad_outbox_oldest_seconds", "Age of the oldest waiting event",
                    registry=REGISTRY)
 CALLS = Gauge("fs_zammad_calls_in_progress", "Calls being followed", registry=REGISTRY)
@@ -58,6 +66,8 @@ def bind(service) -> None:
     OUTBOX_DEPTH.set_function(lambda: service.outbox.pending)
     OUTBOX_AGE.set_function(lambda: service.outbox.oldest_pending_age())
     OUTBOX_FAILED.set_function(lambda: service.outbox.counts().get("failed", 0))
+    OUTBOX_UNSURE.set_function(lambda: service.outbox.counts().get("unsure", 0))
+    OUTBOX_MAX.set(service.outbox.max_events)
     CALLS.set_function(lambda: len(service.tracker.calls))
 
 
@@ -65,6 +75,9 @@ def observe_sent(row, outcome) -> None:
     SENT.labels(row.event, str(outcome.status), outcome.kind).inc()
     if outcome.kind == "delivered":
         LATENCY.observe(max(0.0, time.time() - row.created))
+        if row.event == "hangup":
+            fields = dict(row.fields)
+            CALLS_ENDED.labels(fields.get("direction", ""), fields.get("cause", "")).inc()
 
 
 def health(service) -> tuple[int, dict]:

@@ -33,6 +33,7 @@ from fs_zammad.causes import CauseMapper
 from fs_zammad.config import Settings, url_variable
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
+from fs_zammad.notify import Notifier
 from fs_zammad.outbox import Outbox
 from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient
@@ -94,6 +95,7 @@ class Service:
         self._batch: list = []  # Zammad events not yet written (see on_event)
         self.stop_requested = Event()
         self.failed = False  # a worker died or the outbox cannot be written: exit 1
+        self.notifier = Notifier()  # systemd Type=notify; does nothing elsewhere
         metrics.bind(self)
 
     def _saved_calls(self) -> list[Call]:
@@ -179,6 +181,11 @@ class Service:
         metrics.ESL_CONNECTED.set(connected)
         if connected and self.esl.reconnects:
             metrics.ESL_RECONNECTS.inc()
+        # Ready once connected (the outbox is open since __init__); again is harmless.
+        if connected:
+            self.notifier.send("READY=1", "STATUS=connected to FreeSWITCH")
+        elif not self.stop_requested.is_set():
+            self.notifier.send("STATUS=not connected to FreeSWITCH, reconnecting")
 
     def _fail(self, why: str) -> None:
         if not self.failed:
@@ -192,12 +199,14 @@ class Service:
         fields = dict(row.fields)
         metrics.observe_sent(row, outcome)
         level = logging.INFO if outcome.kind == "delivered" else logging.WARNING
-        sent_log.log(level, "%s %s", row.event, outcome.kind, extra={"event_fields": {
+        # The dry run accepts everything: say what it did instead of "delivered".
+        result, detail = ("dry-run", "not sent: ZAMMAD_CTI_URL is unset") \
+            if self.settings.dry_run else (outcome.kind, outcome.detail or None)
+        sent_log.log(level, "%s %s", row.event, result, extra={"event_fields": {
             "event": row.event, "callId": row.call_id, "direction": fields.get("direction"),
             "from": fields.get("from"), "to": fields.get("to"), "user": fields.get("user"),
             "cause": fields.get("cause"), "status": outcome.status or None,
-            "ms": outcome.elapsed_ms, "result": outcome.kind,
-            "detail": outcome.detail or None}})
+            "ms": outcome.elapsed_ms, "result": result, "detail": detail}})
 
     def _on_action(self, row, action: dict) -> None:
         kind = action.get("action")
@@ -250,6 +259,10 @@ class Service:
         checkpointer = gevent.spawn(self._checkpoint_loop)
         workers = [gevent.spawn(self.esl.run), gevent.spawn(self._expire_loop), checkpointer]
         workers += [gevent.spawn(delivery.run) for delivery in self.deliveries.values()]
+        # The watchdog pings from this event loop only while every worker lives.
+        workers.append(gevent.spawn(self.notifier.watchdog,
+                                    lambda: not any(worker.dead for worker in workers),
+                                    self.stop_requested))
         for worker in workers:
             worker.link_exception(lambda g: self._fail(f"internal error: {g.exception!r}"))
         server = metrics.serve(self) if settings.metrics_port else None
@@ -259,6 +272,7 @@ class Service:
 
     def _shutdown(self, workers, server, checkpointer) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.notifier.send("STOPPING=1", "STATUS=stopping: sending what is queued")
         log.info("stopping: no more events from FreeSWITCH; sending what is queued (up to "
                  "%.0f s)", self.settings.shutdown_timeout)
         self.esl.stop()                      # 1. stop accepting
