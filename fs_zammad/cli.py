@@ -55,11 +55,35 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--unsure", action="store_true",
                         help="retry also hangups that may have reached Zammad (check Zammad's "
                              "caller log first: a second hangup turns a missed call into done)")
+    outbox.add_argument("--yes", action="store_true",
+                        help="retry --unsure without --call: do not ask for confirmation")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt:
+        print("fs-zammad: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last net: one line, never a traceback
+        print(f"fs-zammad: unexpected error ({type(exc).__name__}: {_redacted(str(exc))}); "
+              "please report it with the command that caused it", file=sys.stderr)
+        return EXIT_FAILED
+
+
+_secrets: tuple[str, ...] = ()
+
+
+def _redacted(text: str) -> str:
+    for secret in _secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _run_command(args) -> int:
+    global _secrets
     from gevent import monkey
 
     monkey.patch_all()
@@ -71,15 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fs-zammad: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    _secrets = tuple(s for s in settings.secrets if s)
     logs.setup(settings.log_level, settings.log_format, settings.secrets)
     command = args.command or "run"
     if command == "run":
         import sqlite3
 
+        from fs_zammad.outbox import OutboxInUse
         from fs_zammad.service import Service
 
         try:
             return Service(settings).run()
+        except OutboxInUse as exc:  # a second service on the same STATE_DIR
+            print(f"fs-zammad: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         except (OSError, sqlite3.Error) as exc:  # the outbox directory, the metrics port
             print(f"fs-zammad: cannot start: {exc} (STATE_DIR={settings.state_dir}, "
                   f"METRICS_PORT={settings.metrics_port or 'off'})", file=sys.stderr)
@@ -94,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from fs_zammad.capture import capture
 
         return capture(settings, args.file, args.seconds, args.call, args.all_events)
-    return outbox_command(settings, args.action, args.call, args.unsure)
+    return outbox_command(settings, args.action, args.call, args.unsure, args.yes)
 
 
 def check(settings) -> int:
@@ -270,26 +299,108 @@ def replay(settings, files: list[str], send: bool) -> int:
     return status
 
 
-def outbox_command(settings, action: str, call_id: str | None, unsure: bool = False) -> int:
-    from fs_zammad.logs import Redactor
-    from fs_zammad.outbox import Outbox
+def outbox_command(settings, action: str, call_id: str | None, unsure: bool = False,
+                   yes: bool = False) -> int:
+    """``outbox list`` and ``outbox retry``, next to a running service or not.
+
+    Reads through a read-only connection and never runs the service's
+    crash recovery (that would catch hangups in flight). ``retry`` is one
+    UPDATE of set-aside rows, which are never in flight; the running
+    service notices it within a second.
+    """
+    import sqlite3
+
+    from fs_zammad.outbox import Outbox, ServiceLock
 
     path = settings.state_dir / "outbox.sqlite3"
     if not path.exists():
-        print(f"no outbox at {path} (STATE_DIR)")
+        print(f"no outbox at {path} (STATE_DIR): nothing stored yet, or STATE_DIR is not the "
+              "service's")
         return EXIT_OK
-    outbox = Outbox(path, settings.outbox_max_events)
-    if action == "list":
-        rows = outbox.failed_rows()
-        counts = outbox.counts()
-        print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside, "
-              f"{counts.get('unsure', 0)} unsure hangups")
-        redact = Redactor(settings.secrets)  # rows stored by older versions too
-        for row_id, call, instance, event, state, attempts, error, _created in rows:
-            print(f"{row_id}\t{call}\t{instance or 'default'}\t{event}\t{state}\t"
-                  f"attempts={attempts}\t{redact(error or '')}")
-    else:
-        count = outbox.retry_failed(call_id, unsure)
-        print(f"{count} events put back in line; the running service sends them within seconds")
-    outbox.close()
+    try:
+        outbox = Outbox.for_cli(path, write=action == "retry")
+        try:
+            if action == "list":
+                return _outbox_list(outbox, path)
+            running = ServiceLock(settings.state_dir).held_elsewhere()
+            return _outbox_retry(outbox, call_id, unsure, yes, running)
+        finally:
+            outbox.close()
+    except sqlite3.Error as exc:
+        text = str(exc)
+        if "malformed" in text or "not a database" in text or "no such table" in text:
+            hint = ("it is damaged: the service moves it aside at its next start and carries "
+                    "over what can still be read (restart it)")
+        elif "readonly" in text or "unable to open" in text:
+            hint = "run this as the user the service runs as (e.g. with docker exec)"
+        else:
+            hint = "try again; if it persists, check the disk and STATE_DIR"
+        print(f"fs-zammad: cannot use the outbox {path}: {text}; {hint}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"fs-zammad: cannot use the outbox {path}: {exc.strerror or exc}; run this as the "
+              "user the service runs as", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _outbox_list(outbox, path) -> int:
+    rows = outbox.failed_rows()
+    counts = outbox.counts()
+    print(f"{path}: {counts.get('pending', 0)} pending, {counts.get('failed', 0)} set aside, "
+          f"{counts.get('unsure', 0)} unsure hangups")
+    unsure = [row for row in rows if row[4] == "unsure"]
+    if unsure:
+        print("unsure hangups: they may have reached Zammad; send one again only if Zammad's "
+              "caller log still shows its call open ('fs-zammad outbox retry --unsure --call "
+              "<callId>'):")
+        for line in _unsure_lines(unsure):
+            print(line)
+    failed = [row for row in rows if row[4] != "unsure"]
+    if failed:
+        print("set aside: Zammad refused these; fix the cause, then 'fs-zammad outbox retry':")
+    for row_id, call, instance, event, _state, attempts, error, _created, _fields in failed:
+        print(_redacted(f"  {row_id}\t{call}\t{instance or 'default'}\t{event}\t"
+                        f"attempts={attempts}\t{error}"))
+    return EXIT_OK
+
+
+def _unsure_lines(rows) -> list[str]:
+    """Each unsure hangup with its call: direction, from, to, time, and why."""
+    import time
+
+    lines = []
+    for row_id, call, instance, event, _state, attempts, error, created, fields in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
+        lines.append(_redacted(
+            f"  {call}  {event} {fields.get('direction', '?')}  from {fields.get('from') or '-'}  "
+            f"to {fields.get('to') or '-'}  {when}  Zammad {instance or 'default'}  "
+            f"(row {row_id}, attempts={attempts})\n    why: {error}"))
+    return lines
+
+
+def _outbox_retry(outbox, call_id: str | None, unsure: bool, yes: bool, running: bool) -> int:
+    ids = None
+    if unsure and call_id is None:
+        # Every unsure hangup at once: the admin confirms these very rows.
+        chosen = [row for row in outbox.failed_rows() if row[4] == "unsure"]
+        if chosen and not yes:
+            if not sys.stdin.isatty():
+                print(f"fs-zammad: outbox retry --unsure would send {len(chosen)} hangups that "
+                      "may have reached Zammad; there is no terminal to ask: add --yes to "
+                      "confirm", file=sys.stderr)
+                return EXIT_CONFIG
+            for line in _unsure_lines(chosen):
+                print(line)
+            answer = input(f"Send these {len(chosen)} hangups again? A second hangup turns a "
+                           "missed call into a done one: check Zammad's caller log first. "
+                           "[y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing changed")
+                return EXIT_FAILED
+        ids = [row[0] for row in outbox.failed_rows() if row[4] == "failed"] + \
+            [row[0] for row in chosen]
+    count = outbox.retry_failed(call_id, unsure, ids)
+    where = ("the running service sends them within seconds" if running else
+             "no service is running on this outbox: they are sent when it starts")
+    print(f"{count} events put back in line; {where}")
     return EXIT_OK

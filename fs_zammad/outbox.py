@@ -10,17 +10,29 @@ when Zammad accepted it. Row states:
   ``fs-zammad outbox retry`` can replay them in order;
 * ``unsure``: a hangup that may have reached Zammad. Sending it again could
   give the call a second hangup, so only ``outbox retry --unsure`` does.
+
+One service per outbox: :class:`ServiceLock`. A write that fails (disk
+full) never loses what the service already knows: it waits in memory (up to
+``HELD_MAX`` events) and is written once the disk takes it again. A file
+SQLite cannot read is moved aside at start and what can still be read of it
+is carried into a fresh outbox (:func:`open_outbox`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
+import shutil
+import socket
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,12 @@ CREATE TABLE IF NOT EXISTS calls (
 HELD = "held: an earlier event of this call failed"
 WAL_RESET_FRAMES = 10_000  # ~40 MB of WAL
 CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
+#: Events kept in memory while the outbox cannot be written (disk full); beyond
+#: it new calls are refused, as with OUTBOX_MAX_EVENTS.
+HELD_MAX = 20_000
+LOCK_NAME = "fs-zammad.lock"
+COLUMNS = ("id", "call_id", "instance", "event", "fields", "created", "attempts", "next_at",
+           "sending", "state", "last_error", "once")
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,77 @@ class Row:
     once: bool = False  # a second copy would harm: see calls.hangup_sent_once
 
 
+class OutboxInUse(Exception):
+    """Another process holds the outbox's lock; the message names it."""
+
+
+class ServiceLock:
+    """One service per outbox: an exclusive ``flock`` on STATE_DIR/fs-zammad.lock,
+    held for the life of the process. The kernel drops it when the process
+    ends, however it ends (kill -9 included), so a stale file never blocks."""
+
+    def __init__(self, state_dir: str | Path):
+        self.path = Path(state_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`OutboxInUse` naming the holder (OSError: no directory)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutboxInUse(f"another fs-zammad ({self.holder()}) is running on this outbox "
+                              f"(it holds {self.path}); stop it, or give this one its own "
+                              "STATE_DIR") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def holder(self) -> str:
+        """"PID 123 on host x" as the holder wrote it (empty while it is still starting)."""
+        try:
+            pid, _, host = self.path.read_text().strip().partition(" ")
+        except OSError:
+            pid, host = "", ""
+        if not pid:
+            return "PID unknown"
+        return f"PID {pid}" + (f" on host {host}" if host and host != socket.gethostname() else "")
+
+    def held_elsewhere(self) -> bool:
+        """Is a service running on this outbox right now?"""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_trouble(exc: BaseException) -> str:
+    """What a failed write says, in an admin's words."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc) or \
+            getattr(exc, "errno", None) == errno.ENOSPC:
+        return "disk full"
+    return str(exc) or type(exc).__name__
+
+
+# One delayed write: applies itself to the connection, returns the change in pending rows.
+Write = Callable[[sqlite3.Connection], int]
+
+
 class Outbox:
     def __init__(self, path: str | Path = ":memory:", max_events: int = 200_000,
                  background_checkpoint: bool = False):
@@ -71,11 +160,12 @@ class Outbox:
         self.path = str(path)
         self.max_events = max_events
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._checkpointer = None
+        self._init_state()
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit survives a killed process (kill -9); only a power
         # loss can take the last moments with it.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self._checkpointer = None
         if background_checkpoint and self.path != ":memory:":
             # SQLite's automatic checkpoint runs inside a COMMIT and its fsyncs
             # stall the event loop (p99 latency); the caller runs checkpoint()
@@ -85,12 +175,32 @@ class Outbox:
                                                  check_same_thread=False)
         self.db.executescript(SCHEMA)
         self._add_once_column()
+        self.recount()
+
+    def _init_state(self) -> None:
         self.refused = 0
         self._refused_calls: set[str] = set()
-        # A hangup cut off by a crash may have reached Zammad: never resend it blindly.
-        self.db.execute("UPDATE outbox SET state='unsure', sending=0, last_error=? "
-                        "WHERE state='pending' AND sending=1", (CUT_OFF,))
-        self.recount()
+        self.pending = 0
+        # Writes the disk did not take yet, in order; the rows they settle are
+        # not handed out again meanwhile (a delivered hangup is never resent).
+        self._held: list[Write] = []
+        self._held_events = 0
+        self._settled: set[int] = set()
+        self._not_before: dict[int, float] = {}
+        self.write_error: str | None = None  # why writes wait in memory (for /healthz)
+        self._data_version = 0
+
+    @classmethod
+    def for_cli(cls, path: str | Path, write: bool = False) -> Outbox:
+        """The outbox as ``fs-zammad outbox`` sees it, next to a running service:
+        read-only unless ``write``; never creates, migrates or recovers anything."""
+        self = cls.__new__(cls)
+        self.path, self.max_events, self._checkpointer = str(path), 0, None
+        self._init_state()
+        uri = Path(path).resolve().as_uri() + ("?mode=rw" if write else "?mode=ro")
+        self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10)
+        self.db.execute("SELECT count(*) FROM outbox WHERE 0").fetchone()  # readable at all?
+        return self
 
     def _add_once_column(self) -> None:
         """Outboxes written before the ``once`` column: a hangup there may be of
@@ -100,11 +210,38 @@ class Outbox:
             self.db.execute("ALTER TABLE outbox ADD COLUMN once INTEGER NOT NULL DEFAULT 0")
             self.db.execute("UPDATE outbox SET once=1 WHERE event='hangup'")
 
+    def recover_cut_off(self) -> int:
+        """A hangup cut off by a crash may have reached Zammad: never resend it blindly.
+
+        Only the service that holds the lock runs this, once at start: any
+        other moment would catch hangups that are in flight right now.
+        """
+        cut = self.db.execute("SELECT count(*) FROM outbox WHERE state='pending' AND sending=1"
+                              ).fetchone()[0]
+        if cut:
+            self._statement("UPDATE outbox SET state='unsure', sending=0, last_error=? "
+                            "WHERE state='pending' AND sending=1", (CUT_OFF,),
+                            leaves_pending=True)
+        return cut
+
+    def integrity_problem(self) -> str | None:
+        """SQLite's own check of every page; None if the file is sound."""
+        found = [r[0] for r in self.db.execute("PRAGMA integrity_check(5)")]
+        return None if found == ["ok"] else "; ".join(found)
+
     def recount(self) -> int:
         """Re-read the pending count (``outbox retry`` may run in another process)."""
         self.pending = self.db.execute(
             "SELECT count(*) FROM outbox WHERE state='pending'").fetchone()[0]
         return self.pending
+
+    def changed_elsewhere(self) -> bool:
+        """Did another process (``outbox retry``) commit since the last look? Then recount."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._data_version = version != self._data_version, version
+        if changed:
+            self.recount()
+        return changed
 
     def close(self) -> None:
         self.db.close()
@@ -117,108 +254,217 @@ class Outbox:
         A passive checkpoint never waits for the writer, but under steady
         load the writer never finds it complete, so the WAL (and its index,
         mapped into memory) would keep growing: past WAL_RESET_FRAMES the
-        checkpoint waits for the writer once and truncates the WAL.
+        checkpoint waits for the writer once and truncates the WAL. While the
+        disk is full, failing checkpoints are expected and say nothing more.
         """
         if self._checkpointer is not None:
-            _busy, frames, _done = self._checkpointer.execute(
-                "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames > WAL_RESET_FRAMES:
-                self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                _busy, frames, _done = self._checkpointer.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if frames > WAL_RESET_FRAMES:
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                if self.write_error is None:
+                    raise
 
     # -- writing --------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Events waiting in memory for the disk."""
+        return self._held_events
+
+    @property
+    def writes_waiting(self) -> bool:
+        return bool(self._held)
+
+    def _write(self, write: Write, settles: int | None = None, transaction: bool = False) -> None:
+        """Apply ``write`` now, or keep it (in order) until the disk takes it."""
+        if not self._held:
+            db = self.db
+            try:
+                if transaction:
+                    db.execute("BEGIN IMMEDIATE")  # the write lock first: see checkpoint()
+                delta = write(db)
+                if transaction:
+                    db.execute("COMMIT")
+                self.pending += delta
+                return
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._trouble(exc)
+        self._held.append(write)
+        if settles is not None:
+            self._settled.add(settles)
+
+    def _statement(self, sql: str, args: tuple, leaves_pending: bool = False,
+                   settles: int | None = None) -> None:
+        """One UPDATE or DELETE; ``leaves_pending``: the rows it changes are no longer pending."""
+        def write(db: sqlite3.Connection) -> int:
+            changed = db.execute(sql, args).rowcount
+            return -changed if leaves_pending else 0
+
+        self._write(write, settles)
+
+    def _rollback(self) -> None:
+        # A failed COMMIT (disk full) may have ended the transaction already.
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _trouble(self, exc: BaseException) -> None:
+        if self.write_error is None:
+            self.write_error = write_trouble(exc)
+            where = Path(self.path).parent
+            log.error("cannot write the outbox %s (STATE_DIR=%s): %s; new events wait in memory "
+                      "(up to %d, then new calls are refused) and are written as soon as it "
+                      "can be written again: free space in STATE_DIR", self.path, where,
+                      self.write_error, HELD_MAX)
+
+    def flush(self) -> bool:
+        """Write what waits in memory, in one transaction; True if nothing waits any more."""
+        if not self._held:
+            return True
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            delta = sum(write(db) for write in self._held)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._trouble(exc)
+            return False
+        self.pending += delta
+        log.warning("the outbox can be written again: %d events and %d changes that waited in "
+                    "memory are stored", self._held_events, len(self._held))
+        self._held.clear()
+        self._settled.clear()
+        self._not_before.clear()
+        self._held_events = 0
+        self.write_error = None
+        return True
 
     def record(self, events: Iterable, upsert_calls: Sequence[tuple[str, str]] = (),
                delete_calls: Sequence[str] = (), now: float | None = None) -> int:
         """Store new Zammad events and call state in one transaction.
 
-        Returns how many events were refused because the outbox is full:
-        when it is, new calls are refused (with their later events), while
-        the calls Zammad already knows still get their answer and hangup.
+        Returns how many events were refused because the outbox is full (or
+        the disk is, and HELD_MAX events wait in memory already): new calls
+        are refused (with their later events), while the calls Zammad already
+        knows still get their answer and hangup.
         """
         now = time.time() if now is None else now
-        refused = 0
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: see checkpoint()
-        try:
-            for event in events:
-                if event.call_id in self._refused_calls or (
-                        event.name == "newCall" and self.pending >= self.max_events):
-                    self._refused_calls.add(event.call_id)
-                    if event.name == "hangup":
-                        self._refused_calls.discard(event.call_id)
-                    refused += 1
-                    continue
-                held = db.execute("SELECT 1 FROM outbox WHERE call_id=? AND state='failed' LIMIT 1",
-                                  (event.call_id,)).fetchone()
+        events = list(events)
+        admitted = []
+        for event in events:
+            if event.call_id in self._refused_calls or (event.name == "newCall" and (
+                    self.pending + self._held_events + len(admitted) >= self.max_events or
+                    (self._held and self._held_events + len(admitted) >= HELD_MAX))):
+                self._refused_calls.add(event.call_id)
+                if event.name == "hangup":
+                    self._refused_calls.discard(event.call_id)
+                continue
+            admitted.append(event)
+        refused = len(events) - len(admitted)
+        upsert_calls, delete_calls = list(upsert_calls), list(delete_calls)
+
+        def write(db: sqlite3.Connection) -> int:
+            added = 0
+            for event in admitted:
+                held = db.execute("SELECT 1 FROM outbox WHERE call_id=? AND state='failed' "
+                                  "LIMIT 1", (event.call_id,)).fetchone()
                 db.execute(
                     "INSERT INTO outbox (call_id, instance, event, fields, created, state, "
                     "last_error, once) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (event.call_id, event.instance, event.name, json.dumps(event.fields), now,
                      "failed" if held else "pending", HELD if held else None,
                      int(event.once)))
-                if not held:
-                    self.pending += 1
+                added += not held
             if upsert_calls:
                 db.executemany("INSERT OR REPLACE INTO calls (call_id, state) VALUES (?, ?)",
                                upsert_calls)
             if delete_calls:
                 db.executemany("DELETE FROM calls WHERE call_id=?", [(c,) for c in delete_calls])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            return added
+
+        if self._held:
+            self.flush()  # the next event is a good moment to try again
+        before = len(self._held)
+        self._write(write, transaction=True)
+        if len(self._held) > before:
+            self._held_events += len(admitted)
         self.refused += refused
         return refused
 
     def delivered(self, row_id: int) -> None:
-        if self.db.execute("DELETE FROM outbox WHERE id=? AND state='pending'", (row_id,)).rowcount:
-            self.pending -= 1
+        self._statement("DELETE FROM outbox WHERE id=? AND state='pending'", (row_id,),
+                        leaves_pending=True, settles=row_id)
 
     def mark_sending(self, row_id: int) -> None:
-        self.db.execute("UPDATE outbox SET sending=1 WHERE id=?", (row_id,))
+        """Raises if the disk does not take the mark: then the hangup is not sent
+        (sent unmarked, a crash would let the next start send it again)."""
+        try:
+            self.db.execute("UPDATE outbox SET sending=1 WHERE id=?", (row_id,))
+        except sqlite3.Error as exc:
+            self._trouble(exc)
+            raise
 
     def retry_later(self, row_id: int, next_at: float, error: str) -> None:
         """Zammad answered without storing it: send again after ``next_at``."""
-        self.db.execute("UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=?, "
+        self._statement("UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=?, "
                         "sending=0 WHERE id=?", (next_at, error, row_id))
+        if self._held:
+            self._not_before[row_id] = next_at
 
     def attempted(self, row_id: int, error: str) -> None:
         """Not stored by Zammad, which is down as a whole: count the attempt."""
-        self.db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, sending=0 "
+        self._statement("UPDATE outbox SET attempts=attempts+1, last_error=?, sending=0 "
                         "WHERE id=?", (error, row_id))
 
     def set_unsure(self, row: Row, error: str) -> None:
         """A hangup that may have reached Zammad: set aside, never resent by itself."""
-        if self.db.execute("UPDATE outbox SET state='unsure', sending=0, attempts=attempts+1, "
-                           "last_error=? WHERE id=? AND state='pending'",
-                           (error, row.id)).rowcount:
-            self.pending -= 1
+        self._statement("UPDATE outbox SET state='unsure', sending=0, attempts=attempts+1, "
+                        "last_error=? WHERE id=? AND state='pending'", (error, row.id),
+                        leaves_pending=True, settles=row.id)
 
     def fail(self, row: Row, error: str) -> None:
         """Move a row aside for good, with the rest of its call behind it."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: see checkpoint()
-        db.execute("UPDATE outbox SET state='failed', attempts=attempts+1, last_error=? WHERE id=?",
-                   (error, row.id))
-        held = db.execute("UPDATE outbox SET state='failed', last_error=? "
-                          "WHERE call_id=? AND state='pending' AND id>?",
-                          (HELD, row.call_id, row.id)).rowcount
-        db.execute("COMMIT")
-        self.pending -= 1 + held
+        def write(db: sqlite3.Connection) -> int:
+            failed = db.execute("UPDATE outbox SET state='failed', attempts=attempts+1, "
+                                "last_error=? WHERE id=? AND state='pending'",
+                                (error, row.id)).rowcount
+            held = db.execute("UPDATE outbox SET state='failed', last_error=? "
+                              "WHERE call_id=? AND state='pending' AND id>?",
+                              (HELD, row.call_id, row.id)).rowcount
+            return -(failed + held)
+
+        self._write(write, settles=row.id, transaction=True)
+        if self._held:  # the rest of the call waits too
+            self._settled.update(r[0] for r in self.db.execute(
+                "SELECT id FROM outbox WHERE call_id=? AND state='pending' AND id>?",
+                (row.call_id, row.id)))
 
     # -- reading --------------------------------------------------------
 
     def ready(self, limit: int, skip_ids: Iterable[int] = (), now: float | None = None,
               instance: str = "") -> list[Row]:
-        """Oldest events that may be sent now: the first pending event of each call."""
+        """Oldest events that may be sent now: the first pending event of each call.
+
+        While writes wait in memory, no hangup goes out: its ``sending`` mark
+        could not be stored, and a crash would then let it be sent twice.
+        """
         now = time.time() if now is None else now
-        skip = set(skip_ids)
+        skip = set(skip_ids) | self._settled
+        skip.update(row_id for row_id, due in self._not_before.items() if due > now)
         rows = self.db.execute(
             "SELECT id, call_id, event, fields, created, attempts, once FROM outbox AS o "
-            "WHERE instance=? AND state='pending' AND next_at<=? AND NOT EXISTS ("
+            "WHERE instance=? AND state='pending' AND sending=0 AND next_at<=? "
+            "AND (? OR event!='hangup') AND NOT EXISTS ("
             "  SELECT 1 FROM outbox AS p WHERE p.call_id=o.call_id AND p.id<o.id"
             "  AND p.state='pending') "
-            "ORDER BY id LIMIT ?", (instance, now, limit + len(skip))).fetchall()
+            "ORDER BY id LIMIT ?", (instance, now, not self._held, limit + len(skip))).fetchall()
         return [Row(r[0], r[1], r[2], tuple(tuple(p) for p in json.loads(r[3])), r[4], r[5],
                     bool(r[6]))
                 for r in rows if r[0] not in skip][:limit]
@@ -238,27 +484,227 @@ class Outbox:
         return max(0.0, now - row[0]) if row[0] is not None else 0.0
 
     def failed_rows(self) -> list[tuple]:
-        """Rows set aside: (id, call, instance, event, state, attempts, error, created)."""
-        return self.db.execute("SELECT id, call_id, instance, event, state, attempts, last_error, "
-                               "created FROM outbox WHERE state IN ('failed', 'unsure') "
-                               "ORDER BY id").fetchall()
+        """Rows set aside: (id, call, instance, event, state, attempts, error, created, fields)."""
+        return [(*r[:8], dict(_fields(r[8])))
+                for r in self.db.execute("SELECT id, call_id, instance, event, state, attempts, "
+                                         "last_error, created, fields FROM outbox "
+                                         "WHERE state IN ('failed', 'unsure') ORDER BY id")]
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
 
-    def retry_failed(self, call_id: str | None = None, unsure: bool = False) -> int:
-        """Put set-aside rows back in line (all, or one call's), oldest first.
+    def retry_failed(self, call_id: str | None = None, unsure: bool = False,
+                     ids: Sequence[int] | None = None) -> int:
+        """Put set-aside rows back in line (all, one call's, or these ``ids``), oldest first.
 
         ``unsure`` hangups only when asked: the admin has checked that
-        Zammad's caller log still shows the call open.
+        Zammad's caller log still shows the call open. One UPDATE of rows
+        that are never in flight: safe while the service runs, which sees
+        them within a second (:meth:`changed_elsewhere`).
         """
-        states = "('failed', 'unsure')" if unsure else "('failed')"
-        where, args = (f"state IN {states}", ()) if call_id is None else (
-            f"state IN {states} AND call_id=?", (call_id,))
+        where = "state IN ('failed', 'unsure')" if unsure else "state='failed'"
+        args: list = []
+        if call_id is not None:
+            where += " AND call_id=?"
+            args.append(call_id)
+        if ids is not None:
+            where += " AND id IN (SELECT value FROM json_each(?))"
+            args.append(json.dumps(list(ids)))
         n = self.db.execute(f"UPDATE outbox SET state='pending', next_at=0, attempts=0, sending=0 "
                             f"WHERE {where}", args).rowcount
         self.pending += n
         return n
 
+    def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple]) -> None:
+        """Take over rows (as COLUMNS) and calls carried out of a damaged outbox."""
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany(f"INSERT OR IGNORE INTO outbox ({', '.join(COLUMNS)}) VALUES "
+                            f"({', '.join('?' * len(COLUMNS))})", rows)
+        self.db.executemany("INSERT OR REPLACE INTO calls (call_id, state) VALUES (?, ?)", calls)
+        self.db.execute("COMMIT")
+        self.recount()
+
     def load_calls(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT state FROM calls")]
+
+
+def _fields(text: str) -> list:
+    try:
+        return [tuple(pair) for pair in json.loads(text) if len(pair) == 2]
+    except (ValueError, TypeError):
+        return []
+
+
+# -- a damaged file ----------------------------------------------------------
+
+
+def open_outbox(path: str | Path, max_events: int = 200_000,
+                background_checkpoint: bool = False) -> Outbox:
+    """The service's outbox. A file SQLite cannot read, or one that fails its
+    integrity check, is moved aside (``<name>.damaged-<UTC time>``, with its
+    -wal and -shm) and every row that can still be read goes into a fresh
+    outbox, so that a damaged file never stops delivery for good."""
+    path = Path(path)
+    problem = None
+    if path.exists() and not path.is_file():
+        problem = "not a file"
+    else:
+        try:
+            outbox = Outbox(path, max_events, background_checkpoint)
+        except sqlite3.DatabaseError as exc:
+            if not _damage(exc):
+                raise
+            problem = str(exc)
+        else:
+            try:
+                problem = outbox.integrity_problem()
+            except sqlite3.DatabaseError as exc:
+                if not _damage(exc):
+                    outbox.close()
+                    raise
+                problem = str(exc)
+            if problem is None:
+                return outbox
+            outbox.close()
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.lexists(f"{path}{suffix}"):
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    rows, calls, lost = salvage(aside)
+    outbox = Outbox(path, max_events, background_checkpoint)
+    outbox.adopt(rows, calls)
+    if lost is None:
+        unread = "how many more it held could not be read"
+    else:
+        unread = f"{lost} events could not be read" if lost else "every event was read"
+    log.error("the outbox %s was damaged (%s): moved aside as %s; %d events and %d calls in "
+              "progress carried into a fresh outbox, %s (calls cut short are settled by the "
+              "resync with FreeSWITCH); keep the damaged file for a post-mortem or delete it",
+              path, problem, aside.name, len(rows), len(calls), unread)
+    return outbox
+
+
+def _damage(exc: sqlite3.DatabaseError) -> bool:
+    """Damage to the file, as opposed to a full disk, a lock or a permission."""
+    text = str(exc)
+    return not isinstance(exc, sqlite3.OperationalError) or any(
+        words in text for words in ("malformed", "not a database", "unable to open",
+                                    "disk I/O error", "no such table", "no such column"))
+
+
+def salvage(path: Path) -> tuple[list[tuple], list[tuple], int | None]:
+    """(outbox rows as COLUMNS, calls rows, events lost or None if unknown) of a damaged
+    file. Read from a copy, so that the file moved aside stays as it was found."""
+    if not path.is_file():
+        return [], [], None
+    with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
+        copy = Path(tmp) / "outbox.sqlite3"
+        shutil.copyfile(path, copy)
+        if os.path.isfile(f"{path}-wal"):
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        _pad_truncated(copy)
+        try:
+            db = sqlite3.connect(copy, isolation_level=None)
+            present = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
+        except sqlite3.Error:
+            return [], [], None
+        try:
+            return _salvage_rows(db, present)
+        finally:
+            db.close()
+
+
+def _pad_truncated(path: Path) -> None:
+    """A cut-off file: SQLite reads nothing of it, not even its schema, unless it
+    is as long as its header says; zeros stand in for the missing pages."""
+    with open(path, "r+b") as handle:
+        header = handle.read(100)
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+            return
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        declared = int.from_bytes(header[28:32], "big") * page_size
+        if 0 < declared <= 1 << 34 and os.path.getsize(path) < declared:
+            handle.truncate(declared)
+
+
+def _salvage_rows(db: sqlite3.Connection, present: list[str]
+                  ) -> tuple[list[tuple], list[tuple], int | None]:
+    if "id" not in present:
+        return [], [], None
+    wanted = [c if c in present else f"{int(c == 'once')} AS {c}" for c in COLUMNS]
+    read, unreadable = _readable(db, "outbox", ", ".join(wanted))
+    rows = [row[1:] for row in read if _sound_row(row[1:])]
+    calls = [row[1:] for row in _readable(db, "calls", "call_id, state")[0]
+             if _sound_call(row[1:])]
+    try:  # the index usually survives a damaged table page: it knows how many there were
+        total = db.execute("SELECT count(*) FROM outbox INDEXED BY outbox_by_call").fetchone()[0]
+        lost = max(0, total - len(rows))
+    except sqlite3.Error:
+        lost = None if unreadable is None else unreadable + len(read) - len(rows)
+    return rows, calls, lost
+
+
+def _sound_row(row: tuple) -> bool:
+    """A row read from a damaged page may be half zeros: carry only whole ones."""
+    values = dict(zip(COLUMNS, row))
+    try:
+        pairs = json.loads(values["fields"])
+        return (values["event"] in ("newCall", "answer", "hangup") and
+                values["state"] in ("pending", "failed", "unsure") and
+                isinstance(values["call_id"], str) and "\0" not in values["call_id"] and
+                isinstance(values["created"], float) and
+                all(isinstance(k, str) and isinstance(v, str) for k, v in pairs))
+    except (ValueError, TypeError):
+        return False
+
+
+def _sound_call(row: tuple) -> bool:
+    try:
+        return isinstance(row[0], str) and isinstance(json.loads(row[1]), dict)
+    except (ValueError, TypeError):
+        return False
+
+
+def _readable(db: sqlite3.Connection, table: str, columns: str
+              ) -> tuple[list[tuple], int | None]:
+    """Every row of ``table`` SQLite can still read, in rowid order, stepping over
+    damaged pages one rowid at a time; also how many rowids could not be read
+    (None: unknown, the table's end was unreadable)."""
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                          (table,)).fetchone():
+            return [], 0
+    except sqlite3.Error:
+        return [], 0
+    try:
+        top = db.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0] or 0
+    except sqlite3.Error:
+        top = None
+    rows: list[tuple] = []
+    unreadable, last = 0, 0
+    scan = f"SELECT rowid, {columns} FROM {table} WHERE rowid>? ORDER BY rowid"
+    while True:
+        try:
+            for row in db.execute(scan, (last,)):
+                if row[0] > last:  # a damaged page can point backwards
+                    rows.append(row)
+                    last = row[0]
+            return rows, unreadable
+        except sqlite3.Error:
+            pass
+        # The scan hit a damaged page after ``last``: find the next readable rowid.
+        bound = top if top is not None else last + 10_000
+        while True:
+            last += 1
+            if last > bound:  # past the end; if the end is unknown, so is what was lost
+                return rows, unreadable if top is not None else None
+            try:
+                found = db.execute(f"SELECT rowid, {columns} FROM {table} WHERE rowid=?",
+                                   (last,)).fetchone()
+            except sqlite3.Error:
+                unreadable += 1
+                continue
+            if found:
+                rows.append(found)
+            break

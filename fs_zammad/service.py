@@ -34,7 +34,7 @@ from fs_zammad.config import Settings, url_variable
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
 from fs_zammad.notify import Notifier
-from fs_zammad.outbox import Outbox
+from fs_zammad.outbox import Outbox, ServiceLock, open_outbox
 from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient
 
@@ -71,8 +71,20 @@ def outbox_path(settings: Settings) -> str:
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.outbox = Outbox(outbox_path(settings), settings.outbox_max_events,
-                             background_checkpoint=True)
+        self.lock = None
+        if settings.dry_run:
+            self.outbox = Outbox(":memory:", settings.outbox_max_events)
+        else:
+            # One service per outbox, for its whole life (OutboxInUse: exit 2).
+            self.lock = ServiceLock(settings.state_dir)
+            self.lock.acquire()
+            self.outbox = open_outbox(outbox_path(settings), settings.outbox_max_events,
+                                      background_checkpoint=True)
+            cut = self.outbox.recover_cut_off()
+            if cut:
+                log.warning("%d hangups were being sent when the service last stopped; they may "
+                            "have reached Zammad, so they are set aside as unsure: "
+                            "'fs-zammad outbox list' shows them", cut)
         self.tracker = CallTracker(tracker_rules(settings), self._saved_calls())
         # One client and one delivery per Zammad system, each with its own
         # queue in the outbox: one tenant's outage never delays another's calls.
@@ -160,13 +172,8 @@ class Service:
         events, self._batch = self._batch + list(events), []
         if not events and not tracker.dirty:
             return
-        try:
-            refused = self.outbox.record(events, *tracker.dirty_rows())
-        except sqlite3.Error as exc:
-            # Going on would lose these events: stop; the restart resyncs with FreeSWITCH.
-            self._batch = events
-            self._fail(f"cannot write the outbox {self.outbox.path}: {exc}")
-            return
+        # A disk that does not take them keeps them in the outbox's memory (bounded).
+        refused = self.outbox.record(events, *tracker.dirty_rows())
         tracker.dirty.clear()
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
@@ -238,12 +245,22 @@ class Service:
             self._store(events)
 
     def _checkpoint_loop(self) -> None:
+        """Every second: checkpoint, write what waits in memory (disk full), and
+        notice rows that ``outbox retry`` put back in line from another process."""
         threadpool = gevent.get_hub().threadpool
+        reported = None
         while not self.stop_requested.wait(CHECKPOINT_INTERVAL):
             try:
                 threadpool.apply(self.outbox.checkpoint)
+                reported = None
             except sqlite3.Error as exc:
-                log.warning("outbox checkpoint failed: %s", exc)
+                if str(exc) != reported:
+                    log.warning("outbox checkpoint failed: %s", exc)
+                reported = str(exc)
+            outbox = self.outbox
+            if (outbox.writes_waiting and outbox.flush()) | outbox.changed_elsewhere():
+                for delivery in self.deliveries.values():
+                    delivery.wake()
 
     def run(self) -> int:
         settings = self.settings
@@ -286,9 +303,16 @@ class Service:
         # finish (it ends by itself once stop is requested) before closing the file.
         checkpointer.join(timeout=60)
         gevent.killall(workers, timeout=2)
+        held = self.outbox.held
+        if not self.outbox.flush():
+            log.error("%d events could not be written to the outbox (%s) and are lost; the "
+                      "resync with FreeSWITCH at the next start settles the calls still up",
+                      held, self.outbox.write_error)
         pending = self.outbox.recount()
         for delivery in self.deliveries.values():
             delivery.client.close()
         self.outbox.close()
+        if self.lock is not None:
+            self.lock.release()
         log.info("stopped%s; %d events kept in the outbox for the next start",
                  "" if drained else " before the queue was empty", pending)

@@ -54,9 +54,14 @@ def test_hangup_cut_off_by_a_crash_becomes_unsure(tmp_path):
     box.record([ev("a", "hangup"), ev("b", "hangup")])
     box.mark_sending(box.ready(1)[0].id)          # then kill -9: no outcome recorded
     box.close()
+    reader = Outbox.for_cli(path)                 # `outbox list` meanwhile: changes nothing
+    assert reader.failed_rows() == [] and reader.counts() == {"pending": 2}
     reopened = Outbox(path)
-    assert heads(reopened) == [("b", "hangup")]
+    assert heads(reopened) == [("b", "hangup")]   # never handed out again, even before recovery
+    assert reopened.recover_cut_off() == 1        # the service, once, holding the lock
+    assert heads(reopened) == [("b", "hangup")] and reopened.pending == 1
     assert [(r[1], r[4], r[6]) for r in reopened.failed_rows()] == [("a", "unsure", CUT_OFF)]
+    assert reader.counts() == {"pending": 1, "unsure": 1}
 
 
 def test_cap_refuses_new_calls_but_not_the_end_of_known_ones(tmp_path):
