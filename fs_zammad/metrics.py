@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from prometheus_client import (
@@ -87,10 +88,10 @@ def health(service) -> tuple[int, dict]:
         reasons.append("not connected to FreeSWITCH")
     # Something else answers instead of Zammad (a login page, a redirect).
     reasons += [d.problem for d in service.deliveries.values() if d.problem]
-    if service.outbox.write_error:
-        reasons.append(f"outbox cannot be written ({service.outbox.write_error} in STATE_DIR "
-                       f"{service.settings.state_dir}); {service.outbox.held} events wait in "
-                       "memory")
+    outbox = service.outbox
+    if outbox.write_error:
+        reasons.append(f"outbox cannot be written ({outbox.write_error} in STATE_DIR "
+                       f"{os.path.dirname(outbox.path)}); {outbox.held} events wait in memory")
     age = service.outbox.oldest_pending_age()
     if age > STUCK_AFTER:
         reasons.append(f"outbox stuck: oldest event waits {age:.0f} s "

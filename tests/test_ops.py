@@ -84,11 +84,12 @@ def s1_expected(name: str) -> dict:
 # -- /healthz -------------------------------------------------------------------
 
 
-def fake_service(connected=True, oldest=0.0, pending=0, calls=0):
+def fake_service(connected=True, oldest=0.0, pending=0, calls=0, write_error=None):
     """Just what metrics.health() reads from the service."""
     return SimpleNamespace(
         esl=SimpleNamespace(connected=connected),
-        outbox=SimpleNamespace(pending=pending, oldest_pending_age=lambda: oldest),
+        outbox=SimpleNamespace(pending=pending, oldest_pending_age=lambda: oldest,
+                               write_error=write_error, held=3, path="/state/outbox.sqlite3"),
         tracker=SimpleNamespace(calls={str(i): None for i in range(calls)}), deliveries={})
 
 
@@ -106,6 +107,12 @@ def test_health_reports_a_stuck_outbox(monkeypatch):
 
     both = fake_service(connected=False, oldest=metrics.STUCK_AFTER + 1)
     assert metrics.health(both)[0] == 503 and len(metrics.health(both)[1]["reasons"]) == 2
+
+    full = fake_service(write_error="disk full")
+    assert metrics.health(full) == (503, {
+        "status": "unhealthy", "reasons": ["outbox cannot be written (disk full in STATE_DIR "
+                                           "/state); 3 events wait in memory"],
+        "freeswitch_connected": True, "outbox_pending": 0, "calls_in_progress": 0})
 
     # the same over the WSGI endpoint: 503 and a short JSON body
     monkeypatch.setattr(metrics, "_service", stuck)
