@@ -226,8 +226,11 @@ class Outbox:
 
     def integrity_problem(self) -> str | None:
         """SQLite's own check of every page; None if the file is sound."""
-        found = [r[0] for r in self.db.execute("PRAGMA integrity_check(5)")]
-        return None if found == ["ok"] else "; ".join(found)
+        found = [r[0] for r in self.db.execute("PRAGMA integrity_check(3)")]
+        if found == ["ok"]:
+            return None
+        text = " ".join(" ".join(found).replace("*** in database main ***", "").split())
+        return f"integrity check: {text[:200]}"
 
     def recount(self) -> int:
         """Re-read the pending count (``outbox retry`` may run in another process)."""

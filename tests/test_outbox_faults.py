@@ -1,0 +1,409 @@
+"""One service per outbox, the CLI next to a running service, damaged outboxes
+and a full disk: the real processes. Each test ends with what Zammad has:
+every call once, never a second hangup, no traceback anywhere."""
+
+import json
+import os
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from fs_zammad.calls import CallTracker
+from fs_zammad.config import load_settings
+from fs_zammad.outbox import Outbox
+from fs_zammad.service import tracker_rules
+from tests import synth
+from tests.support.service import ESL_PASSWORD, FS_ZAMMAD, ServiceProcess, base_env
+from tests.test_e2e import emit_all
+from tests.test_faults import answered_call, missed_call
+
+
+def cli(env, *args, timeout=30):
+    done = subprocess.run([FS_ZAMMAD, "outbox", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    return done
+
+
+def hangups_by_call(zammad):
+    return {e["callId"]: e["hangups"] for e in zammad.caller_log()}
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthz(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+# -- one service per outbox ----------------------------------------------------------
+
+
+def test_second_service_on_the_same_outbox_exits_2_naming_the_first(start_service, fake_fs,
+                                                                    zammad):
+    first = start_service()
+    calls = [missed_call(f"4931100{i:03d}") for i in range(6)]
+    for _, events in calls[:3]:
+        emit_all(fake_fs, events)
+    second = ServiceProcess(first.env)
+    assert second.proc.wait(timeout=30) == 2
+    second._reader.join(timeout=5)
+    assert len(second.lines) == 1, second.lines
+    assert f"PID {first.proc.pid}" in second.lines[0] and "STATE_DIR" in second.lines[0]
+    second.assert_no_secrets(ESL_PASSWORD, zammad.token)
+    for _, events in calls[3:]:               # the first goes on as if nothing happened
+        emit_all(fake_fs, events)
+    zammad.wait_for(lambda: sum(hangups_by_call(zammad).values()) == 6, timeout=20)
+    assert hangups_by_call(zammad) == {a.uuid: 1 for a, _ in calls}
+    assert all(len(zammad.requests_for(a.uuid)) == 2 for a, _ in calls)  # newCall + hangup, once
+    # kill -9 frees the lock: the next service starts at once
+    first.kill()
+    third = start_service()
+    third.wait_for_log("fs-zammad starting")
+
+
+# -- the CLI next to a running service --------------------------------------------------
+
+
+def test_cli_next_to_a_running_service_leaves_hangups_in_flight_alone(start_service, fake_fs,
+                                                                      zammad):
+    service = start_service(ZAMMAD_TIMEOUT="5")
+    zammad.set_delay(0.15)                     # every hangup spends a while in flight
+    calls = [missed_call(f"4931200{i:03d}") for i in range(16)]
+    talking = [answered_call(f"4931300{i:03d}") for i in range(4)]
+    runs, stop = [], threading.Event()
+
+    def admin():  # what an admin may run at any moment, over and over
+        commands = [("list",), ("retry",), ("retry", "--unsure", "--yes"), ("list",),
+                    ("retry", "--unsure", "--call", calls[0][0].uuid)]
+        while not stop.is_set():
+            for args in commands:
+                done = cli(service.env, *args)
+                runs.append((args, done.returncode, done.stdout + done.stderr))
+
+    thread = threading.Thread(target=admin)
+    thread.start()
+    try:
+        for _, events in calls:            # calls keep coming while the admin works
+            emit_all(fake_fs, events)
+            time.sleep(0.1)
+        for _, _, start, end in talking:
+            emit_all(fake_fs, start + end)
+        zammad.wait_for(lambda: sum(hangups_by_call(zammad).values()) == 20 and len(runs) >= 10,
+                        timeout=40)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert all(code == 0 for _, code, _ in runs), runs
+    assert not any("unsure" in out and " 0 unsure" not in out for args, _, out in runs
+                   if args == ("list",)), runs
+    expected = {a.uuid: 1 for a, _ in calls} | {t[0].uuid: 1 for t in talking}
+    assert hangups_by_call(zammad) == expected
+    assert [r.event for r in zammad.requests].count("hangup") == 20
+    assert cli(service.env, "list").stdout.startswith(f"{service.env['STATE_DIR']}"
+                                                      "/outbox.sqlite3: 0 pending, 0 set aside, "
+                                                      "0 unsure")
+    assert "unsure" not in service.log.replace("0 unsure", "")
+
+
+def test_unsure_hangups_listed_with_their_call_and_sent_only_when_confirmed(start_service,
+                                                                           fake_fs, zammad):
+    service = start_service(ZAMMAD_TIMEOUT="2")
+    calls = [missed_call(f"4931400{i:03d}") for i in range(3)]
+    for _, events in calls:
+        emit_all(fake_fs, events[:2])
+    zammad.wait_for(lambda: len(zammad.caller_log()) == 3)
+    zammad.close_without_response_next(3)       # the connection is lost mid-request
+    for _, events in calls:
+        emit_all(fake_fs, events[2:])
+    service.wait_for_log("hangup may have reached Zammad")
+    listing = ""
+    deadline = time.monotonic() + 20
+    while ": 0 pending" not in listing and time.monotonic() < deadline:
+        listing = cli(service.env, "list").stdout
+    # a probe may have taken one of the closed connections: that hangup went through
+    unsure = [a.uuid for a, _ in calls if a.uuid in listing]
+    assert len(unsure) >= 2 and f": 0 pending, 0 set aside, {len(unsure)} unsure hangups" \
+        in listing, listing
+    for call_id in unsure:   # the call: direction, from, to, time, and why
+        line = next(line for line in listing.splitlines() if call_id in line)
+        assert " in " in line and "from 4931400" in line and "to 492214710334" in line
+        assert time.strftime("%Y-%m-%d", time.gmtime()) in line and "UTC" in line
+    assert listing.count("why: ") == len(unsure)
+    before = hangups_by_call(zammad)
+    assert before == {a.uuid: int(a.uuid not in unsure) for a, _ in calls}
+    refused = cli(service.env, "retry", "--unsure")   # no terminal, no --yes
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "--yes" in refused.stderr
+    assert f"{len(unsure)} unsure hangups" in cli(service.env, "list").stdout
+    time.sleep(1.5)                                    # the service would have seen a change
+    assert hangups_by_call(zammad) == before
+    sent = cli(service.env, "retry", "--unsure", "--yes")
+    assert sent.returncode == 0 and f"{len(unsure)} events put back in line" in sent.stdout
+    assert "running service" in sent.stdout
+    zammad.wait_for(lambda: sum(hangups_by_call(zammad).values()) == 3, timeout=10)
+    assert hangups_by_call(zammad) == {a.uuid: 1 for a, _ in calls}
+
+
+def test_unsure_retry_asks_on_a_terminal(start_service, fake_fs, zammad):
+    import pty
+
+    service = start_service(ZAMMAD_TIMEOUT="2")
+    a, events = missed_call("4931500000")
+    emit_all(fake_fs, events[:2])
+    zammad.wait_for(lambda: len(zammad.caller_log()) == 1)
+    zammad.close_without_response_next(1)
+    emit_all(fake_fs, events[2:])
+    service.wait_for_log("hangup may have reached Zammad")
+
+    def on_terminal(answer: bytes) -> str:
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execve(FS_ZAMMAD, [FS_ZAMMAD, "outbox", "retry", "--unsure"], service.env)
+        out = b""
+        while b"[y/N]" not in out:
+            out += os.read(fd, 4096)
+        os.write(fd, answer)
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.waitpid(pid, 0)
+        return out.decode()
+
+    declined = on_terminal(b"n\n")
+    assert a.uuid in declined and "nothing changed" in declined
+    assert hangups_by_call(zammad) == {a.uuid: 0}
+    accepted = on_terminal(b"y\n")
+    assert "1 events put back in line" in accepted and "Traceback" not in accepted
+    zammad.wait_for(lambda: hangups_by_call(zammad) == {a.uuid: 1}, timeout=10)
+
+
+@pytest.mark.parametrize("setup, words", [
+    ("missing", "no outbox at"),
+    ("garbage", "damaged"),
+    ("directory", "cannot use the outbox"),
+    ("no_table", "damaged"),
+])
+def test_cli_errors_are_one_line(tmp_path, setup, words):
+    state = tmp_path / "state"
+    path = state / "outbox.sqlite3"
+    if setup != "missing":
+        state.mkdir()
+    if setup == "garbage":
+        path.write_bytes(random.Random(1).randbytes(9000))
+    elif setup == "directory":
+        path.mkdir()
+    elif setup == "no_table":
+        sqlite3.connect(path).execute("CREATE TABLE other (x)").connection.close()
+    env = base_env(state_dir=state)
+    for args in (("list",), ("retry",), ("retry", "--unsure", "--yes")):
+        done = cli(env, *args)
+        out = (done.stdout + done.stderr).strip()
+        assert "\n" not in out and words in out, out
+        assert done.returncode == (0 if setup == "missing" else 1)
+
+
+# -- damaged outboxes -----------------------------------------------------------------
+
+
+def write_outbox(state, n_ended=40, n_up=3):
+    """A real outbox: ended missed calls waiting for Zammad, and calls still ringing."""
+    settings = load_settings({"STATE_DIR": str(state)})
+    tracker = CallTracker(tracker_rules(settings))
+    box = Outbox(state / "outbox.sqlite3")
+    ended, up, now = [], [], time.time()
+    for i in range(n_ended + n_up):
+        a = synth.caller(cid=f"49316{i:05d}")
+        headers = [a.create(), a.execute("bridge")]
+        if i < n_ended:
+            headers.append(a.hangup("NORMAL_CLEARING", "recv_cancel"))
+        (ended if i < n_ended else up).append(a.uuid)
+        for h in headers:
+            box.record(tracker.handle(h, now), *tracker.dirty_rows())
+            tracker.dirty.clear()
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    return ended, up
+
+
+def truncate_at(fraction):
+    def damage(path):
+        size = path.stat().st_size
+        os.truncate(path, max(100, int(size * fraction)))
+    return damage
+
+
+def zero_middle_page(path):
+    page = 4096
+    with open(path, "r+b") as handle:
+        handle.seek((path.stat().st_size // page // 2) * page)
+        handle.write(b"\0" * page)
+
+
+def garbage(path):
+    path.write_bytes(random.Random(7).randbytes(path.stat().st_size))
+
+
+def garbage_header(path):
+    with open(path, "r+b") as handle:
+        handle.write(random.Random(3).randbytes(100))
+
+
+def garbage_wal(path):
+    path.with_name(path.name + "-wal").write_bytes(random.Random(5).randbytes(40_000))
+
+
+def garbage_shm(path):
+    path.with_name(path.name + "-shm").write_bytes(random.Random(6).randbytes(32_768))
+
+
+def a_directory(path):
+    path.unlink()
+    path.mkdir()
+    (path / "x").write_text("x")
+
+
+def no_permissions(path):
+    path.chmod(0)
+
+
+# damage -> (moved aside?, least share of the ended calls carried over)
+DAMAGE = {
+    "random garbage": (garbage, True, 0.0),
+    "garbage header": (garbage_header, True, 0.0),
+    "truncated to 100 bytes": (truncate_at(0.0), True, 0.0),
+    "truncated at a third": (truncate_at(0.33), True, 0.0),
+    "truncated at the last page": (truncate_at(0.97), True, 0.5),
+    "zeroed page in the middle": (zero_middle_page, True, 0.5),
+    "WAL of garbage": (garbage_wal, False, 1.0),
+    "shared-memory file of garbage": (garbage_shm, False, 1.0),
+    "a directory": (a_directory, True, 0.0),
+    "no permissions": (no_permissions, os.geteuid() != 0, 0.0 if os.geteuid() else 1.0),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_damaged_outbox_is_moved_aside_and_what_can_be_read_is_delivered(
+        name, start_service, fake_fs, zammad, tmp_path):
+    damage, moved, least = DAMAGE[name]
+    state = tmp_path / "state"
+    ended, up = write_outbox(state)
+    damage(state / "outbox.sqlite3")
+    service = start_service()
+    service.wait_for_log("fs-zammad starting")
+    damaged = [line for line in service.lines if "was damaged" in line]
+    aside = [p.name for p in state.iterdir() if ".damaged-" in p.name]
+    if moved:
+        assert len(damaged) == 1 and "ERROR" in damaged[0], service.log
+        assert str(state / "outbox.sqlite3") in damaged[0]
+        assert any(p.startswith("outbox.sqlite3.damaged-") and p[-1] == "Z" for p in aside)
+        found = re.search(r"(\d+) events and \d+ calls in progress carried", damaged[0])
+        assert found, damaged[0]
+        carried = int(found.group(1))
+    else:
+        assert damaged == [] and aside == []
+        carried = 2 * len(ended) + len(up)
+    # Zammad gets every carried event once; the calls still ringing end by the resync.
+    def sent():  # answered by Zammad (a hangup whose newCall was lost: "No such call_id")
+        return {(r.call_id, r.event) for r in zammad.requests if r.status is not None}
+
+    def delivered_from_the_outbox():  # not the resync's hangups of the calls still ringing
+        return {k for k in sent() if k[0] in ended or k[1] == "newCall"}
+
+    zammad.wait_for(lambda: len(delivered_from_the_outbox()) >= carried, timeout=30,
+                    raise_on_timeout=False)
+    assert len(delivered_from_the_outbox()) == carried, (carried, sorted(sent()), service.log)
+    whole = [c for c in ended if {(c, "newCall"), (c, "hangup")} <= sent()]
+    assert len(whole) >= least * len(ended)
+    assert all(e["hangups"] <= 1 for e in zammad.caller_log())
+    # and the fresh outbox works: a new call goes through
+    a, events = missed_call("4931799999")
+    emit_all(fake_fs, events)
+    zammad.wait_for(lambda: hangups_by_call(zammad).get(a.uuid) == 1, timeout=15)
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """tmp_path/state on its own 4 MB tmpfs, or skip where the sandbox cannot mount."""
+    state = tmp_path / "state"
+    state.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; tests/test_outbox.py covers a full disk "
+                    "in-process with a failing connection")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
+def fill(directory):
+    """Take every free byte; returns the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (65536, 512):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_keeps_the_service_up_and_loses_nothing(small_disk, start_service, fake_fs,
+                                                          zammad):
+    port = free_port()
+    service = start_service(METRICS_PORT=str(port))
+    zammad.set_down(True)
+    filler = fill(small_disk)
+    calls = [missed_call(f"4931800{i:03d}") for i in range(120)]
+    talking = answered_call("4931900000")
+    emit_all(fake_fs, talking[2])
+    for _, events in calls:
+        emit_all(fake_fs, events)
+    service.wait_for_log("disk full")
+    status, body = healthz(port)
+    assert status == 503 and any("disk full" in r and str(small_disk) in r
+                                 for r in body["reasons"]), body
+    emit_all(fake_fs, talking[3])                   # a stored call still gets its end
+    time.sleep(2.5)                                   # the periodic retries fail quietly
+    errors = [line for line in service.lines if "ERROR" in line]
+    assert len(errors) == 1 and "disk full" in errors[0] and str(small_disk) in errors[0], errors
+    assert service.proc.poll() is None
+    filler.unlink()
+    service.wait_for_log("can be written again")
+    zammad.set_down(False)
+    expected = {a.uuid: 1 for a, _ in calls} | {talking[0].uuid: 1}
+    zammad.wait_for(lambda: hangups_by_call(zammad) == expected, timeout=30)
+    assert healthz(port)[0] in (200, 503)             # FreeSWITCH fine; no outbox reason left
+    assert not any("outbox cannot be written" in r for r in healthz(port)[1]["reasons"])
+    assert service.stop(signal.SIGTERM) == 0
