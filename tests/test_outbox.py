@@ -143,3 +143,212 @@ def test_outbox_from_before_the_once_column_treats_every_hangup_as_once(tmp_path
     db.close()
     box = Outbox(path)
     assert sorted((r.call_id, r.once) for r in box.ready(10)) == [("x", True), ("y", False)]
+
+
+# -- a disk that does not take writes (in-process; tests/test_outbox_faults.py uses a tmpfs) --
+
+import logging  # noqa: E402
+import sqlite3  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fs_zammad import outbox as outbox_module  # noqa: E402
+from fs_zammad.outbox import OutboxInUse, ServiceLock, open_outbox  # noqa: E402
+
+
+class FullDisk:
+    """Stands in for the outbox's connection. While ``full``, writes fail the way
+    SQLite fails on a full disk: at the statement (``where="statement"``), or at
+    COMMIT, after SQLite has already rolled the transaction back (``"commit"``)."""
+
+    WRITES = ("INSERT", "UPDATE", "DELETE", "ALTER")
+
+    def __init__(self, db, where):
+        self.db, self.where, self.full = db, where, False
+
+    def _check(self, sql):
+        if not self.full:
+            return
+        verb = sql.lstrip().split(None, 1)[0].upper()
+        in_transaction = self.db.in_transaction
+        if verb == "COMMIT" and self.where == "commit":
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        if verb in self.WRITES and (self.where == "statement" or not in_transaction):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, args=()):
+        self._check(sql)
+        return self.db.execute(sql, args)
+
+    def executemany(self, sql, rows):
+        self._check(sql)
+        return self.db.executemany(sql, rows)
+
+    @property
+    def in_transaction(self):
+        return self.db.in_transaction
+
+    def close(self):
+        self.db.close()
+
+
+def once_hangup(call_id):
+    return ZammadEvent(call_id, (("event", "hangup"), ("direction", "in"), ("callId", call_id)),
+                       "", True)
+
+
+@pytest.fixture(params=["statement", "commit"])
+def full_box(request, tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3")
+    box.db = FullDisk(box.db, request.param)
+    return box
+
+
+def test_full_disk_keeps_events_in_memory_then_writes_them_in_order(full_box, caplog):
+    box = full_box
+    box.record([ev("a", "newCall")], [("a", "{}")])
+    box.db.full = True
+    with caplog.at_level(logging.ERROR, logger="fs_zammad.outbox"):
+        for i in range(30):
+            assert box.record([ev(f"b{i}", "newCall")], [(f"b{i}", "{}")]) == 0
+        assert box.record([ev("a", "hangup")], (), ["a"]) == 0
+        assert not box.flush()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "disk full" in errors[0] and "STATE_DIR" in errors[0]
+    assert box.write_error == "disk full" and box.held == 31
+    assert heads(box) == [("a", "newCall")] and box.pending == 1
+    box.db.full = False
+    box.record([ev("c", "newCall")])              # the next event writes what waited
+    assert box.write_error is None and box.held == 0 and box.pending == 33
+    assert [r.call_id for r in box.ready(40)] == ["a"] + [f"b{i}" for i in range(30)] + ["c"]
+    assert len(box.load_calls()) == 30            # a's call ended (deleted), b's stored
+
+
+def test_delivery_writes_on_a_full_disk_never_hand_a_row_out_twice(full_box):
+    box = full_box
+    box.record([once_hangup("a"), once_hangup("b"), ev("c", "newCall"), ev("d", "newCall")])
+    rows = {r.call_id: r for r in box.ready(10)}
+    box.db.full = True
+    box.delivered(rows["a"].id)                   # Zammad has it: must not go again
+    box.set_unsure(rows["b"], "may have reached Zammad")
+    box.retry_later(rows["c"].id, 9e9, "HTTP 500")
+    box.attempted(rows["d"].id, "HTTP 503")
+    box.fail(rows["d"], "HTTP 422: x")
+    with pytest.raises(sqlite3.OperationalError):
+        box.mark_sending(rows["a"].id)            # unmarked, a hangup is not sent
+    assert box.ready(10) == []
+    assert box.counts() == {"pending": 4}         # nothing on disk yet
+    box.db.full = False
+    assert box.flush()
+    assert box.ready(10) == [] and box.pending == 1
+    assert box.counts() == {"pending": 1, "unsure": 1, "failed": 1}
+    assert [(r[1], r[4]) for r in box.failed_rows()] == [("b", "unsure"), ("d", "failed")]
+
+
+def test_no_hangup_goes_out_while_writes_wait(full_box):
+    box = full_box
+    box.record([once_hangup("a"), ev("b", "hangup")])
+    box.db.full = True
+    box.record([ev("c", "newCall")])              # waits in memory
+    assert heads(box) == []                       # its sending mark could not be stored
+    box.db.full = False
+    assert box.flush()
+    assert heads(box) == [("a", "hangup"), ("b", "hangup"), ("c", "newCall")]
+
+
+def test_beyond_the_memory_bound_new_calls_are_refused_known_ones_go_on(full_box, monkeypatch):
+    monkeypatch.setattr(outbox_module, "HELD_MAX", 3)
+    box = full_box
+    box.record([ev("stored", "newCall")])
+    box.db.full = True
+    assert box.record([ev("a", "newCall"), ev("b", "newCall"), ev("c", "newCall")]) == 0
+    assert box.record([ev("d", "newCall"), ev("d", "answer")]) == 2   # refused, counted
+    assert box.record([ev("a", "hangup"), ev("stored", "hangup"), ev("d", "hangup")]) == 1
+    assert box.refused == 3
+    box.db.full = False
+    assert box.flush()
+    assert sorted((r.call_id, r.event) for r in box.ready(10)) == [
+        ("a", "newCall"), ("b", "newCall"), ("c", "newCall"), ("stored", "newCall")]
+    assert box.pending == 6
+
+
+# -- one service per outbox; the CLI's view ----------------------------------------------
+
+
+def test_service_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
+    import os
+
+    first = ServiceLock(tmp_path)
+    first.acquire()
+    assert ServiceLock(tmp_path).held_elsewhere()
+    with pytest.raises(OutboxInUse, match=f"PID {os.getpid()}.*STATE_DIR"):
+        ServiceLock(tmp_path).acquire()
+    first.release()
+    assert not ServiceLock(tmp_path).held_elsewhere()
+    ServiceLock(tmp_path).acquire()
+
+
+def test_cli_view_changes_nothing(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path)
+    box.record([ev("a", "hangup")])
+    box.mark_sending(box.ready(1)[0].id)          # in flight in the service
+    view = Outbox.for_cli(path)
+    assert view.counts() == {"pending": 1} and view.failed_rows() == []
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        view.retry_failed(unsure=True)
+    writer = Outbox.for_cli(path, write=True)
+    assert writer.retry_failed(unsure=True) == 0  # only set-aside rows, never one in flight
+    assert box.db.execute("SELECT sending, state FROM outbox").fetchall() == [(1, "pending")]
+    with pytest.raises(sqlite3.OperationalError):
+        Outbox.for_cli(tmp_path / "missing.sqlite3")
+    assert not (tmp_path / "missing.sqlite3").exists()
+
+
+def test_service_notices_rows_put_back_by_another_process(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path)
+    box.record([ev("a", "newCall"), ev("b", "newCall")])
+    box.fail(box.ready(1)[0], "HTTP 401")
+    box.changed_elsewhere()
+    assert box.pending == 1 and not box.changed_elsewhere()
+    assert Outbox.for_cli(path, write=True).retry_failed() == 1
+    assert box.changed_elsewhere() and box.pending == 2
+
+
+# -- a damaged file ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7, 0.9])
+def test_damaged_outbox_rows_and_calls_carried_over_file_kept_as_found(tmp_path, caplog, where):
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    for i in range(400):
+        box.record([ev(f"c{i}", "newCall")], [(f"c{i}", '{"n": %d}' % i)])
+    box.fail(box.ready(1)[0], "HTTP 422: x")
+    box.set_unsure(box.ready(1)[0], "may have reached Zammad")
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    page = 4096
+    with open(path, "r+b") as handle:             # a zeroed page in the middle
+        handle.seek(int(path.stat().st_size // page * where) * page)
+        handle.write(b"\0" * page)
+    damaged = path.read_bytes()
+    with caplog.at_level(logging.ERROR, logger="fs_zammad.outbox"):
+        fresh = open_outbox(path)
+    [line] = [r.getMessage() for r in caplog.records]
+    aside = [p for p in tmp_path.iterdir() if ".damaged-" in p.name and p.name.endswith("Z")]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+    assert str(path) in line and aside[0].name in line
+    carried = fresh.counts()
+    events, calls = sum(carried.values()), len(fresh.load_calls())
+    assert f"{events} events and {calls} calls in progress carried" in line
+    assert 400 <= events + calls <= 800           # a table page costs its rows, an index page nothing
+    lost = 400 - events
+    assert (f"{lost} events could not be read" if lost else "every event was read") in line
+    assert all(state in ("pending", "failed", "unsure") for state in carried)
+    assert [r.call_id for r in fresh.ready(500)] == sorted(
+        {f"c{i}" for i in range(2, 400)} & {r[0] for r in fresh.db.execute(
+            "SELECT call_id FROM outbox WHERE state='pending'")}, key=lambda c: int(c[1:]))
+    assert fresh.integrity_problem() is None
