@@ -412,6 +412,7 @@ class Outbox:
             self.db.execute("UPDATE outbox SET sending=1 WHERE id=?", (row_id,))
         except sqlite3.Error as exc:
             self._trouble(exc)
+            self._held.append(lambda db: 0)  # from now on no hangup is handed out
             raise
 
     def retry_later(self, row_id: int, next_at: float, error: str) -> None:
@@ -597,24 +598,33 @@ def _damage(exc: sqlite3.DatabaseError) -> bool:
 
 def salvage(path: Path) -> tuple[list[tuple], list[tuple], int | None]:
     """(outbox rows as COLUMNS, calls rows, events lost or None if unknown) of a damaged
-    file. Read from a copy, so that the file moved aside stays as it was found."""
+    file. Read from a copy, so that the file moved aside stays as it was found (and a
+    truncated one can be padded); with no room for a copy, from the file, read-only."""
     if not path.is_file():
         return [], [], None
-    with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
-        copy = Path(tmp) / "outbox.sqlite3"
-        shutil.copyfile(path, copy)
-        if os.path.isfile(f"{path}-wal"):
-            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
-        _pad_truncated(copy)
-        try:
-            db = sqlite3.connect(copy, isolation_level=None)
-            present = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
-        except sqlite3.Error:
-            return [], [], None
-        try:
-            return _salvage_rows(db, present)
-        finally:
-            db.close()
+    try:
+        with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
+            copy = Path(tmp) / "outbox.sqlite3"
+            shutil.copyfile(path, copy)
+            if os.path.isfile(f"{path}-wal"):
+                shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+            _pad_truncated(copy)
+            return _salvage_file(str(copy))
+    except OSError as exc:
+        log.warning("no room to copy the damaged outbox (%s); reading it in place", exc)
+        return _salvage_file(path.resolve().as_uri() + "?mode=ro")
+
+
+def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], int | None]:
+    try:
+        db = sqlite3.connect(name, isolation_level=None, uri=name.startswith("file:"))
+        present = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
+    except sqlite3.Error:
+        return [], [], None
+    try:
+        return _salvage_rows(db, present)
+    finally:
+        db.close()
 
 
 def _pad_truncated(path: Path) -> None:
