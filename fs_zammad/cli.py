@@ -313,11 +313,11 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
     from fs_zammad.outbox import Outbox, ServiceLock
 
     path = settings.state_dir / "outbox.sqlite3"
-    if not path.exists():
-        print(f"no outbox at {path} (STATE_DIR): nothing stored yet, or STATE_DIR is not the "
-              "service's")
-        return EXIT_OK
     try:
+        if not path.exists():
+            print(f"no outbox at {path} (STATE_DIR): nothing stored yet, or STATE_DIR is not "
+                  "the service's")
+            return EXIT_OK
         outbox = Outbox.for_cli(path, write=action == "retry")
         try:
             if action == "list":

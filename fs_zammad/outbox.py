@@ -66,6 +66,7 @@ CUT_OFF = "the process stopped while this hangup was being sent; it may have rea
 #: it new calls are refused, as with OUTBOX_MAX_EVENTS.
 HELD_MAX = 20_000
 LOCK_NAME = "fs-zammad.lock"
+LOCK_TRIES = 10  # over a second
 COLUMNS = ("id", "call_id", "instance", "event", "fields", "created", "attempts", "next_at",
            "sending", "state", "last_error", "once")
 
@@ -98,9 +99,14 @@ class ServiceLock:
         """Take the lock or raise :class:`OutboxInUse` naming the holder (OSError: no directory)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # maybe `fs-zammad outbox retry` looking for a moment
+                if attempt < LOCK_TRIES - 1:
+                    time.sleep(0.1)
+        else:
             os.close(fd)
             raise OutboxInUse(f"another fs-zammad ({self.holder()}) is running on this outbox "
                               f"(it holds {self.path}); stop it, or give this one its own "
@@ -110,7 +116,7 @@ class ServiceLock:
         self._fd = fd
 
     def holder(self) -> str:
-        """"PID 123 on host x" as the holder wrote it (empty while it is still starting)."""
+        """The holder as it wrote itself: PID, and the host if another (a second container)."""
         try:
             pid, _, host = self.path.read_text().strip().partition(" ")
         except OSError:

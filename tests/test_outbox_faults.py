@@ -4,8 +4,10 @@ every call once, never a second hangup, no traceback anywhere."""
 
 import json
 import os
+import pathlib
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -223,6 +225,34 @@ def test_cli_errors_are_one_line(tmp_path, setup, words):
         out = (done.stdout + done.stderr).strip()
         assert "\n" not in out and words in out, out
         assert done.returncode == (0 if setup == "missing" else 1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to run the CLI as another user")
+@pytest.mark.parametrize("mode", [0o600, 0o700])   # the file, then the directory, not ours
+def test_cli_as_the_wrong_user_says_so_in_one_line(mode):
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="fs-zammad-perm-")   # pytest's tmp is private to root
+    os.chmod(top, 0o755)
+    state = pathlib.Path(top) / "state"
+    Outbox(state / "outbox.sqlite3").close()
+    (state / "outbox.sqlite3").chmod(mode)
+    state.chmod(0o755 if mode == 0o600 else mode)
+    try:
+        run_as_nobody(state)
+    finally:
+        shutil.rmtree(top)
+
+
+def run_as_nobody(state):
+    for args in (("list",), ("retry",)):
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               FS_ZAMMAD, "outbox", *args], env=base_env(state_dir=state),
+                              capture_output=True, text=True, timeout=30)
+        out = (done.stdout + done.stderr).strip()
+        assert done.returncode == 1 and "\n" not in out and "Traceback" not in out, out
+        assert "run this as the user the service runs as" in out, out
 
 
 # -- damaged outboxes -----------------------------------------------------------------
