@@ -414,8 +414,15 @@ def test_full_disk_keeps_the_service_up_and_loses_nothing(small_disk, start_serv
     port = free_port()
     service = start_service(METRICS_PORT=str(port))
     zammad.set_down(True)
+    stored = [missed_call(f"4931700{i:03d}") for i in range(20)]
+    for _, events in stored:
+        emit_all(fake_fs, events)
+    service.wait_for_log("Zammad unreachable")
+    deadline = time.monotonic() + 10
+    while ": 40 pending" not in cli(service.env, "list").stdout:
+        assert time.monotonic() < deadline
     filler = fill(small_disk)
-    calls = [missed_call(f"4931800{i:03d}") for i in range(120)]
+    calls = [missed_call(f"4931800{i:03d}") for i in range(100)]
     talking = answered_call("4931900000")
     emit_all(fake_fs, talking[2])
     for _, events in calls:
@@ -424,16 +431,24 @@ def test_full_disk_keeps_the_service_up_and_loses_nothing(small_disk, start_serv
     status, body = healthz(port)
     assert status == 503 and any("disk full" in r and str(small_disk) in r
                                  for r in body["reasons"]), body
-    emit_all(fake_fs, talking[3])                   # a stored call still gets its end
-    time.sleep(2.5)                                   # the periodic retries fail quietly
+    # Zammad back while the disk is still full: the stored newCalls go out, their
+    # deletion waits in memory; no hangup goes out (its mark cannot be stored).
+    zammad.set_down(False)
+    zammad.wait_for(lambda: len(zammad.caller_log()) == 20, timeout=15)
+    emit_all(fake_fs, talking[3])                     # a call's end arrives meanwhile
+    time.sleep(2.5)                                   # the retries each second fail quietly
+    assert sum(hangups_by_call(zammad).values()) == 0
+    assert [r.event for r in zammad.requests if r.outcome == "processed"] == ["newCall"] * 20
     errors = [line for line in service.lines if "ERROR" in line]
     assert len(errors) == 1 and "disk full" in errors[0] and str(small_disk) in errors[0], errors
     assert service.proc.poll() is None
     filler.unlink()
     service.wait_for_log("can be written again")
-    zammad.set_down(False)
-    expected = {a.uuid: 1 for a, _ in calls} | {talking[0].uuid: 1}
+    expected = {a.uuid: 1 for a, _ in stored + calls} | {talking[0].uuid: 1}
     zammad.wait_for(lambda: hangups_by_call(zammad) == expected, timeout=30)
-    assert healthz(port)[0] in (200, 503)             # FreeSWITCH fine; no outbox reason left
+    for call_id in expected:   # nothing twice: not the newCalls delivered while the disk was full
+        events = [r.event for r in zammad.requests_for(call_id) if r.outcome == "processed"]
+        assert events in (["newCall", "hangup"], ["newCall", "answer", "hangup"]), events
     assert not any("outbox cannot be written" in r for r in healthz(port)[1]["reasons"])
+    assert len([line for line in service.lines if "ERROR" in line]) == 1
     assert service.stop(signal.SIGTERM) == 0
