@@ -63,7 +63,7 @@ HELD = "held: an earlier event of this call failed"
 WAL_RESET_FRAMES = 10_000  # ~40 MB of WAL
 CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
 #: Events kept in memory while the outbox cannot be written (disk full); beyond
-#: it new calls are refused, as with OUTBOX_MAX_EVENTS.
+#: it, or beyond OUTBOX_MAX_EVENTS with those on disk, new calls are refused.
 HELD_MAX = 20_000
 LOCK_NAME = "fs-zammad.lock"
 LOCK_TRIES = 10  # over a second

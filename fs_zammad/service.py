@@ -177,8 +177,14 @@ class Service:
         tracker.dirty.clear()
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
-            log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped "
-                      "(Zammad down? see the warnings above)", self.outbox.max_events, refused)
+            if self.outbox.write_error:
+                log.error("OUTBOX FULL (%d events wait in memory: %s in STATE_DIR): %d Zammad "
+                          "events of new calls dropped", self.outbox.held,
+                          self.outbox.write_error, refused)
+            else:
+                log.error("OUTBOX FULL (%d events, OUTBOX_MAX_EVENTS): %d Zammad events dropped "
+                          "(Zammad down? see the warnings above)", self.outbox.max_events,
+                          refused)
         for instance in {event.instance for event in events}:
             delivery = self.deliveries.get(instance)
             if delivery is not None:

@@ -452,3 +452,39 @@ def test_full_disk_keeps_the_service_up_and_loses_nothing(small_disk, start_serv
     assert not any("outbox cannot be written" in r for r in healthz(port)[1]["reasons"])
     assert len([line for line in service.lines if "ERROR" in line]) == 1
     assert service.stop(signal.SIGTERM) == 0
+
+
+def test_full_disk_beyond_the_cap_refuses_new_calls_counts_them_and_ends_the_known_ones(
+        small_disk, start_service, fake_fs, zammad):
+    port = free_port()
+    service = start_service(METRICS_PORT=str(port), OUTBOX_MAX_EVENTS="120")
+    zammad.set_down(True)
+    stored = [missed_call(f"4932000{i:03d}") for i in range(20)]
+    for _, events in stored:
+        emit_all(fake_fs, events)
+    deadline = time.monotonic() + 10
+    while ": 40 pending" not in cli(service.env, "list").stdout:
+        assert time.monotonic() < deadline
+    filler = fill(small_disk)
+    talking = answered_call("4932100000")
+    emit_all(fake_fs, talking[2])                 # newCall + answer: in memory
+    calls = [missed_call(f"4932200{i:03d}") for i in range(100)]
+    for _, events in calls:
+        emit_all(fake_fs, events)
+    service.wait_for_log("OUTBOX FULL .*wait in memory")
+    emit_all(fake_fs, talking[3])                 # a known call's end is never refused
+    filler.unlink()
+    service.wait_for_log("can be written again")
+    zammad.set_down(False)
+    # 40 on disk + 2 of the talking call + 2 per new call up to the cap of 120
+    admitted = calls[:39]
+    expected = {a.uuid: 1 for a, _ in stored + admitted} | {talking[0].uuid: 1}
+    zammad.wait_for(lambda: hangups_by_call(zammad) == expected, timeout=30)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        metrics_text = answer.read().decode()
+    refused = re.search(r"^fs_zammad_outbox_refused_total (\S+)$", metrics_text, re.M)
+    assert float(refused.group(1)) == 2 * (len(calls) - len(admitted))
+    errors = [line for line in service.lines if "ERROR" in line]
+    assert sum("disk full" in line and "cannot write the outbox" in line for line in errors) == 1
+    assert all("OUTBOX FULL" in line for line in errors if "cannot write" not in line)
+    assert service.stop(signal.SIGTERM) == 0
