@@ -466,8 +466,10 @@ class Outbox:
         could not be stored, and a crash would then let it be sent twice.
         """
         now = time.time() if now is None else now
-        skip = set(skip_ids) | self._settled
-        skip.update(row_id for row_id, due in self._not_before.items() if due > now)
+        skip = set(skip_ids)
+        if self._held:
+            skip |= self._settled
+            skip.update(row_id for row_id, due in self._not_before.items() if due > now)
         rows = self.db.execute(
             "SELECT id, call_id, event, fields, created, attempts, once FROM outbox AS o "
             "WHERE instance=? AND state='pending' AND sending=0 AND next_at<=? "
