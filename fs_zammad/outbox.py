@@ -194,6 +194,7 @@ class Outbox:
         self._settled: set[int] = set()
         self._not_before: dict[int, float] = {}
         self.write_error: str | None = None  # why writes wait in memory (for /healthz)
+        self.damaged = False  # the file itself: only a restart (open_outbox) helps
         self._data_version = 0
 
     @classmethod
@@ -324,6 +325,7 @@ class Outbox:
                 pass
 
     def _trouble(self, exc: BaseException) -> None:
+        self.damaged = self.damaged or is_damage(exc)
         if self.write_error is None:
             self.write_error = write_trouble(exc)
             where = Path(self.path).parent
@@ -564,14 +566,14 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
         try:
             outbox = Outbox(path, max_events, background_checkpoint)
         except sqlite3.DatabaseError as exc:
-            if not _damage(exc):
+            if not is_damage(exc):
                 raise
             problem = str(exc)
         else:
             try:
                 problem = outbox.integrity_problem()
             except sqlite3.DatabaseError as exc:
-                if not _damage(exc):
+                if not is_damage(exc):
                     outbox.close()
                     raise
                 problem = str(exc)
@@ -596,8 +598,10 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
     return outbox
 
 
-def _damage(exc: sqlite3.DatabaseError) -> bool:
+def is_damage(exc: BaseException) -> bool:
     """Damage to the file, as opposed to a full disk, a lock or a permission."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
     text = str(exc)
     return not isinstance(exc, sqlite3.OperationalError) or any(
         words in text for words in ("malformed", "not a database", "unable to open",

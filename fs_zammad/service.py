@@ -34,7 +34,7 @@ from fs_zammad.config import Settings, url_variable
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
 from fs_zammad.notify import Notifier
-from fs_zammad.outbox import Outbox, ServiceLock, open_outbox
+from fs_zammad.outbox import Outbox, ServiceLock, is_damage, open_outbox
 from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient
 
@@ -264,7 +264,19 @@ class Service:
                     log.warning("outbox checkpoint failed: %s", exc)
                 reported = str(exc)
             outbox = self.outbox
-            if (outbox.writes_waiting and outbox.flush()) | outbox.changed_elsewhere():
+            try:
+                changed = (outbox.writes_waiting and outbox.flush()) | outbox.changed_elsewhere()
+            except sqlite3.Error as exc:
+                outbox.damaged = outbox.damaged or is_damage(exc)
+                changed = False
+                if not outbox.damaged and str(exc) != reported:
+                    log.warning("cannot read the outbox: %s", exc)
+                reported = str(exc)
+            if outbox.damaged:
+                self._fail(f"the outbox {outbox.path} is damaged ({outbox.write_error or reported}); "
+                           "the next start moves it aside and carries over what can be read")
+                return
+            if changed:
                 for delivery in self.deliveries.values():
                     delivery.wake()
 

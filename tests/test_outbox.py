@@ -163,8 +163,8 @@ class FullDisk:
 
     WRITES = ("INSERT", "UPDATE", "DELETE", "ALTER")
 
-    def __init__(self, db, where):
-        self.db, self.where, self.full = db, where, False
+    def __init__(self, db, where, error=sqlite3.OperationalError("database or disk is full")):
+        self.db, self.where, self.full, self.error = db, where, False, error
 
     def _check(self, sql):
         if not self.full:
@@ -173,9 +173,9 @@ class FullDisk:
         in_transaction = self.db.in_transaction
         if verb == "COMMIT" and self.where == "commit":
             self.db.execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full")
+            raise self.error
         if verb in self.WRITES and (self.where == "statement" or not in_transaction):
-            raise sqlite3.OperationalError("database or disk is full")
+            raise self.error
 
     def execute(self, sql, args=()):
         self._check(sql)
@@ -357,3 +357,18 @@ def test_damaged_outbox_rows_and_calls_carried_over_file_kept_as_found(tmp_path,
         {f"c{i}" for i in range(2, 400)} & {r[0] for r in fresh.db.execute(
             "SELECT call_id FROM outbox WHERE state='pending'")}, key=lambda c: int(c[1:]))
     assert fresh.integrity_problem() is None
+
+
+@pytest.mark.parametrize("error, damaged", [
+    (sqlite3.OperationalError("database or disk is full"), False),
+    (sqlite3.OperationalError("disk I/O error"), True),
+    (sqlite3.DatabaseError("database disk image is malformed"), True),
+    (sqlite3.OperationalError("database is locked"), False),
+])
+def test_a_write_error_says_whether_only_a_restart_helps(tmp_path, error, damaged):
+    box = Outbox(tmp_path / "o.sqlite3")
+    box.db = FullDisk(box.db, "statement", error)
+    box.db.full = True
+    assert box.record([ev("a", "newCall")]) == 0 and box.held == 1
+    assert box.damaged is damaged
+    assert box.write_error == ("disk full" if "full" in str(error) else str(error))
