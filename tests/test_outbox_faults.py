@@ -84,6 +84,32 @@ def test_second_service_on_the_same_outbox_exits_2_naming_the_first(start_servic
 # -- the CLI next to a running service --------------------------------------------------
 
 
+def test_hangup_cut_off_by_kill_is_set_aside_once_by_the_next_service(start_service, fake_fs,
+                                                                       zammad):
+    service = start_service(ZAMMAD_TIMEOUT="30")
+    a, events = missed_call("4932300000")
+    emit_all(fake_fs, events[:2])
+    zammad.wait_for(lambda: len(zammad.caller_log()) == 1)
+    zammad.set_hang(2)                          # Zammad stores the hangup, answers late
+    emit_all(fake_fs, events[2:])
+    zammad.wait_for(lambda: any(r.event == "hangup" for r in zammad.requests))
+    service.kill()                              # while the hangup is in flight
+    zammad.set_hang(None)
+    listing = cli(service.env, "list").stdout   # no service: still no recovery by the CLI
+    assert ": 1 pending, 0 set aside, 0 unsure" in listing, listing
+    restarted = start_service()
+    restarted.wait_for_log("1 hangups were being sent when the service last stopped")
+    listing = cli(restarted.env, "list").stdout
+    assert "1 unsure hangups" in listing and a.uuid in listing and "process stopped" in listing
+    zammad.wait_for(lambda: hangups_by_call(zammad) == {a.uuid: 1}, timeout=10)
+    b, more = missed_call("4932300001")         # the next call goes through; a's is not resent
+    emit_all(fake_fs, more)
+    zammad.wait_for(lambda: hangups_by_call(zammad).get(b.uuid) == 1, timeout=10)
+    assert hangups_by_call(zammad) == {a.uuid: 1, b.uuid: 1}
+    assert [r.event for r in zammad.requests_for(a.uuid)] == ["newCall", "hangup"]
+
+
+
 def test_cli_next_to_a_running_service_leaves_hangups_in_flight_alone(start_service, fake_fs,
                                                                       zammad):
     service = start_service(ZAMMAD_TIMEOUT="5")
