@@ -243,7 +243,6 @@ class Service:
     def _expire_loop(self) -> None:
         while not self.stop_requested.is_set():
             self.stop_requested.wait(EXPIRY_INTERVAL)
-            self.outbox.recount()  # `outbox retry` may have run in another process
             events = self.tracker.expire(time.time())
             if events:
                 log.warning("%d calls exceeded MAX_CALL_SECONDS without a hangup; ended",
