@@ -106,7 +106,7 @@ class Service:
         self._resync_seen: set | None = None  # uuids seen while a resync is under way
         self._batch: list = []  # Zammad events not yet written (see on_event)
         self.stop_requested = Event()
-        self.failed = False  # a worker died or the outbox cannot be written: exit 1
+        self.failed = False  # a worker died or the outbox is damaged: exit 1
         self.notifier = Notifier()  # systemd Type=notify; does nothing elsewhere
         metrics.bind(self)
 
@@ -253,27 +253,28 @@ class Service:
         """Every second: checkpoint, write what waits in memory (disk full), and
         notice rows that ``outbox retry`` put back in line from another process."""
         threadpool = gevent.get_hub().threadpool
-        reported = None
+        checkpoint_error = read_error = None  # each said once
         while not self.stop_requested.wait(CHECKPOINT_INTERVAL):
             try:
                 threadpool.apply(self.outbox.checkpoint)
-                reported = None
+                checkpoint_error = None
             except sqlite3.Error as exc:
-                if str(exc) != reported:
+                if str(exc) != checkpoint_error:
                     log.warning("outbox checkpoint failed: %s", exc)
-                reported = str(exc)
+                checkpoint_error = str(exc)
             outbox = self.outbox
             try:
                 changed = (outbox.writes_waiting and outbox.flush()) | outbox.changed_elsewhere()
+                read_error = None
             except sqlite3.Error as exc:
                 outbox.damaged = outbox.damaged or is_damage(exc)
                 changed = False
-                if not outbox.damaged and str(exc) != reported:
+                if not outbox.damaged and str(exc) != read_error:
                     log.warning("cannot read the outbox: %s", exc)
-                reported = str(exc)
+                read_error = str(exc)
             if outbox.damaged:
-                self._fail(f"the outbox {outbox.path} is damaged ({outbox.write_error or reported}); "
-                           "the next start moves it aside and carries over what can be read")
+                self._fail(f"the outbox {outbox.path} is damaged ({outbox.write_error or read_error})"
+                           "; the next start moves it aside and carries over what can be read")
                 return
             if changed:
                 for delivery in self.deliveries.values():
@@ -322,9 +323,10 @@ class Service:
         gevent.killall(workers, timeout=2)
         held = self.outbox.held
         if not self.outbox.flush():
-            log.error("%d events could not be written to the outbox (%s) and are lost; the "
-                      "resync with FreeSWITCH at the next start settles the calls still up",
-                      held, self.outbox.write_error)
+            log.error("the outbox still cannot be written (%s): %d events waiting in memory are "
+                      "lost (the resync with FreeSWITCH at the next start settles the calls still "
+                      "up), and events Zammad took meanwhile may be sent again (hangups among "
+                      "them are set aside as unsure)", self.outbox.write_error, held)
         pending = self.outbox.recount()
         for delivery in self.deliveries.values():
             delivery.client.close()
