@@ -40,7 +40,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from fs_zammad import zammad
-from fs_zammad.outbox import Outbox, Row
+from fs_zammad.outbox import Outbox, OutboxUnwritable, Row
 
 log = logging.getLogger("fs_zammad.delivery")
 
@@ -180,6 +180,8 @@ class Delivery:
                 self.outbox.set_unsure(row, f"{UNSURE_HANGUP} (stopped while sending); "
                                             f"{NOT_RESENT}")
             raise
+        except OutboxUnwritable:  # disk full, logged by the outbox: not sent, the row waits
+            pass
         except Exception as exc:  # a bug must not kill delivery; the row stays queued
             log.error("delivery of %s for call %s failed unexpectedly: %s: %s",
                       row.event, row.call_id, type(exc).__name__, exc)

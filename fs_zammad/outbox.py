@@ -67,6 +67,7 @@ CUT_OFF = "the process stopped while this hangup was being sent; it may have rea
 HELD_MAX = 20_000
 LOCK_NAME = "fs-zammad.lock"
 LOCK_TRIES = 10  # over a second
+TROUBLE_QUIET = 300.0  # seconds between ERROR lines of a disk that keeps filling up
 COLUMNS = ("id", "call_id", "instance", "event", "fields", "created", "attempts", "next_at",
            "sending", "state", "last_error", "once")
 
@@ -80,6 +81,10 @@ class Row:
     created: float
     attempts: int
     once: bool = False  # a second copy would harm: see calls.hangup_sent_once
+
+
+class OutboxUnwritable(sqlite3.OperationalError):
+    """A hangup's sending mark could not be stored: the hangup must not go out yet."""
 
 
 class OutboxInUse(Exception):
@@ -195,6 +200,8 @@ class Outbox:
         self._not_before: dict[int, float] = {}
         self.write_error: str | None = None  # why writes wait in memory (for /healthz)
         self.damaged = False  # the file itself: only a restart (open_outbox) helps
+        self._said_trouble_at: float | None = None
+        self._said_trouble = False
         self._data_version = 0
 
     @classmethod
@@ -326,8 +333,15 @@ class Outbox:
 
     def _trouble(self, exc: BaseException) -> None:
         self.damaged = self.damaged or is_damage(exc)
-        if self.write_error is None:
-            self.write_error = write_trouble(exc)
+        if self.write_error is not None:
+            return
+        self.write_error = write_trouble(exc)
+        # A disk on the brink takes some writes and refuses others: say it once
+        # per TROUBLE_QUIET, not at every turn (/healthz says it all along).
+        now = time.monotonic()
+        if self._said_trouble_at is None or now - self._said_trouble_at >= TROUBLE_QUIET:
+            self._said_trouble_at = now
+            self._said_trouble = True
             where = Path(self.path).parent
             log.error("cannot write the outbox %s (STATE_DIR=%s): %s; new events wait in memory "
                       "(up to %d, then new calls are refused) and are written as soon as it "
@@ -348,8 +362,10 @@ class Outbox:
             self._trouble(exc)
             return False
         self.pending += delta
-        log.warning("the outbox can be written again: %d events and %d changes that waited in "
-                    "memory are stored", self._held_events, len(self._held))
+        if self._said_trouble:
+            self._said_trouble = False
+            log.warning("the outbox can be written again: %d events and %d changes that waited "
+                        "in memory are stored", self._held_events, len(self._held))
         self._held.clear()
         self._settled.clear()
         self._not_before.clear()
@@ -421,7 +437,8 @@ class Outbox:
         except sqlite3.Error as exc:
             self._trouble(exc)
             self._held.append(lambda db: 0)  # from now on no hangup is handed out
-            raise
+            raise OutboxUnwritable(f"the outbox cannot be written ({self.write_error}); the "
+                                   "hangup waits") from exc
 
     def retry_later(self, row_id: int, next_at: float, error: str) -> None:
         """Zammad answered without storing it: send again after ``next_at``."""

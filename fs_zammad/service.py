@@ -249,19 +249,25 @@ class Service:
                             sum(1 for e in events if e.name == "hangup"))
             self._store(events)
 
+    def _checkpoint(self) -> str | None:
+        """Runs in a pool thread; the error, if any, as text."""
+        try:
+            self.outbox.checkpoint()
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
+
     def _checkpoint_loop(self) -> None:
         """Every second: checkpoint, write what waits in memory (disk full), and
         notice rows that ``outbox retry`` put back in line from another process."""
         threadpool = gevent.get_hub().threadpool
         checkpoint_error = read_error = None  # each said once
         while not self.stop_requested.wait(CHECKPOINT_INTERVAL):
-            try:
-                threadpool.apply(self.outbox.checkpoint)
-                checkpoint_error = None
-            except sqlite3.Error as exc:
-                if str(exc) != checkpoint_error:
-                    log.warning("outbox checkpoint failed: %s", exc)
-                checkpoint_error = str(exc)
+            # gevent prints the traceback of whatever a pool thread raises: return it instead.
+            failed = threadpool.apply(self._checkpoint)
+            if failed and failed != checkpoint_error:
+                log.warning("outbox checkpoint failed: %s", failed)
+            checkpoint_error = failed
             outbox = self.outbox
             try:
                 changed = (outbox.writes_waiting and outbox.flush()) | outbox.changed_elsewhere()

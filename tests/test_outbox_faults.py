@@ -514,3 +514,39 @@ def test_full_disk_beyond_the_cap_refuses_new_calls_counts_them_and_ends_the_kno
     assert sum("disk full" in line and "cannot write the outbox" in line for line in errors) == 1
     assert all("OUTBOX FULL" in line for line in errors if "cannot write" not in line)
     assert service.stop(signal.SIGTERM) == 0
+
+
+def test_stop_while_the_disk_is_full_says_what_is_lost_and_resends_no_hangup(
+        small_disk, start_service, fake_fs, zammad):
+    service = start_service()
+    stored = [missed_call(f"4932400{i:03d}") for i in range(10)]
+    for _, events in stored:
+        emit_all(fake_fs, events[:2])
+    zammad.wait_for(lambda: len(zammad.caller_log()) == 10)
+    zammad.set_delay(1.0)                            # hangups in flight when the disk fills
+    for _, events in stored:
+        emit_all(fake_fs, events[2:])
+    zammad.wait_for(lambda: sum(r.event == "hangup" for r in zammad.requests) == 10)
+    filler = fill(small_disk)
+    for i in range(3000):                           # until a write meets the full disk
+        emit_all(fake_fs, missed_call(f"49325{i:05d}")[1])
+        if i % 20 == 19 and "disk full" in service.log:
+            break
+        time.sleep(0.002)
+    service.wait_for_log("disk full")
+    zammad.wait_for(lambda: all(hangups_by_call(zammad).get(a.uuid) for a, _ in stored),
+                    timeout=10)                      # the hangups in flight were answered
+    assert service.stop(signal.SIGTERM) == 0
+    line = service.wait_for_log("still cannot be written")[0]
+    assert "ERROR" in line and "events waiting in memory are lost" in line
+    filler.unlink()
+    zammad.set_delay(0)
+    restarted = start_service()
+    restarted.wait_for_log("fs-zammad starting")
+    time.sleep(1.5)                                  # whatever the restart would send, it has
+    by_call = hangups_by_call(zammad)
+    assert {a.uuid: by_call.get(a.uuid) for a, _ in stored} == {a.uuid: 1 for a, _ in stored}
+    assert all(count <= 1 for count in by_call.values())
+    errors = [line for line in service.lines if "ERROR" in line]
+    assert len(errors) == 2 and "cannot write the outbox" in errors[0], "\n".join(errors)
+    assert "still cannot be written" in errors[1]
