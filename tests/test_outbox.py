@@ -372,3 +372,16 @@ def test_a_write_error_says_whether_only_a_restart_helps(tmp_path, error, damage
     assert box.record([ev("a", "newCall")]) == 0 and box.held == 1
     assert box.damaged is damaged
     assert box.write_error == ("disk full" if "full" in str(error) else str(error))
+
+
+def test_a_disk_on_the_brink_says_error_once_not_at_every_turn(full_box, caplog):
+    box = full_box
+    with caplog.at_level(logging.WARNING, logger="fs_zammad.outbox"):
+        for _ in range(5):                        # full, space, full, space...
+            box.db.full = True
+            box.record([ev("a", "newCall")])
+            box.db.full = False
+            assert box.flush()
+    levels = [r.levelname for r in caplog.records]
+    assert levels == ["ERROR", "WARNING"]         # said once, and once that it is over
+    assert box.pending == 5 and box.write_error is None
