@@ -73,17 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-_secrets: tuple[str, ...] = ()
+# Secrets (also percent-encoded or HTML-escaped) as ***, once the settings are read.
+_redacted = str
 
 
-def _redacted(text: str) -> str:
-    for secret in _secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def _run_command(args) -> int:
-    global _secrets
+    global _redacted
     from gevent import monkey
 
     monkey.patch_all()
@@ -95,7 +92,7 @@ def _run_command(args) -> int:
     except ConfigError as exc:
         print(f"fs-zammad: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _secrets = tuple(s for s in settings.secrets if s)
+    _redacted = logs.Redactor(settings.secrets)  # rows stored by older versions too
     logs.setup(settings.log_level, settings.log_format, settings.secrets)
     command = args.command or "run"
     if command == "run":

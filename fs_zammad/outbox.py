@@ -436,7 +436,7 @@ class Outbox:
             self.db.execute("UPDATE outbox SET sending=1 WHERE id=?", (row_id,))
         except sqlite3.Error as exc:
             self._trouble(exc)
-            self._held.append(lambda db: 0)  # from now on no hangup is handed out
+            self._held.append(lambda db: 0)  # from now on no such hangup is handed out
             raise OutboxUnwritable(f"the outbox cannot be written ({self.write_error}); the "
                                    "hangup waits") from exc
 
@@ -481,8 +481,9 @@ class Outbox:
               instance: str = "") -> list[Row]:
         """Oldest events that may be sent now: the first pending event of each call.
 
-        While writes wait in memory, no hangup goes out: its ``sending`` mark
-        could not be stored, and a crash would then let it be sent twice.
+        While writes wait in memory, no hangup a second copy would harm goes
+        out: its ``sending`` mark could not be stored, and a crash would then
+        let it be sent twice.
         """
         now = time.time() if now is None else now
         skip = set(skip_ids)
@@ -492,7 +493,7 @@ class Outbox:
         rows = self.db.execute(
             "SELECT id, call_id, event, fields, created, attempts, once FROM outbox AS o "
             "WHERE instance=? AND state='pending' AND sending=0 AND next_at<=? "
-            "AND (? OR event!='hangup') AND NOT EXISTS ("
+            "AND (? OR once=0) AND NOT EXISTS ("
             "  SELECT 1 FROM outbox AS p WHERE p.call_id=o.call_id AND p.id<o.id"
             "  AND p.state='pending') "
             "ORDER BY id LIMIT ?", (instance, now, not self._held, limit + len(skip))).fetchall()

@@ -359,7 +359,7 @@ def test_healthz_names_what_answers_instead_of_zammad():
     from fs_zammad import metrics
     service = SimpleNamespace(
         esl=SimpleNamespace(connected=True),
-        outbox=SimpleNamespace(pending=3, oldest_pending_age=lambda: 1.0),
+        outbox=SimpleNamespace(pending=3, oldest_pending_age=lambda: 1.0, write_error=None),
         tracker=SimpleNamespace(calls={}),
         deliveries={"": SimpleNamespace(problem=None),
                     "acme": SimpleNamespace(problem="Zammad (acme): ZAMMAD_CTI_URL_ACME "
