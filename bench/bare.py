@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 
@@ -64,7 +65,8 @@ def esl(port: int, password: str, expect: int, subscription: list[str]) -> None:
     os._exit(0)  # greenswitch's stop() can block; the numbers are out
 
 
-def forward(port: int, password: str, url: str, expect_calls: int, subscription: list[str]) -> None:
+def forward(port: int, password: str, url: str, expect_calls: int, subscription: list[str],
+            linger: bool = False) -> None:
     """The least a forwarder can do: greenswitch in, requests out, no state.
 
     On the three frames that make fs-zammad post (the A-leg's ``bridge``
@@ -85,7 +87,7 @@ def forward(port: int, password: str, url: str, expect_calls: int, subscription:
     session.headers.update({"Accept": "application/json", "User-Agent": "bench"})
     session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0))
     pool = Pool(8)
-    state = {"hangups": 0, "cpu_end": 0.0, "t_last": 0}
+    state = {"hangups": 0, "cpu_end": 0.0, "t_last": 0, "wakeups_end": 0}
     done = gevent.event.Event()
 
     def post(event, uuid):
@@ -98,6 +100,7 @@ def forward(port: int, password: str, url: str, expect_calls: int, subscription:
             if state["hangups"] >= expect_calls:
                 state["t_last"] = time.monotonic_ns()
                 state["cpu_end"] = cpu()
+                state["wakeups_end"] = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
                 done.set()
 
     def handler(event):
@@ -115,10 +118,18 @@ def forward(port: int, password: str, url: str, expect_calls: int, subscription:
     conn.connect()
     conn.send("event plain " + " ".join(subscription))
     cpu_start = cpu()
+    wakeups_start = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     print("READY", flush=True)
     done.wait(timeout=600)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"hangups": state["hangups"], "t_last_ns": state["t_last"],
-                      "cpu_s": state["cpu_end"] - cpu_start}), flush=True)
+                      "cpu_s": state["cpu_end"] - cpu_start,
+                      "wakeups": state["wakeups_end"] - wakeups_start,
+                      "peak_rss_kb": usage.ru_maxrss}), flush=True)
+    if linger:
+        # A call's last frame may come after the hangup that is posted (S8: the
+        # B-leg hangs up first): stay connected until the orchestrator closes stdin.
+        sys.stdin.read()
     os._exit(0)
 
 
@@ -165,7 +176,8 @@ if __name__ == "__main__":
     if role == "esl":
         esl(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:])
     elif role == "forward":
-        forward(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:])
+        forward(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:],
+                linger=os.environ.get("BARE_LINGER") == "1")
     elif role == "post":
         post(sys.argv[2], float(sys.argv[3]), sys.argv[4])
     else:

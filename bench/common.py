@@ -23,6 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 S1_CAPTURE = ROOT / "tests" / "fixtures" / "callcentre" / "S1" / "events_all.txt"
 
+
+def capture(name: str) -> Path:
+    """A call-centre capture by scenario name (S1 inbound, S8 outbound, ...)."""
+    return ROOT / "tests" / "fixtures" / "callcentre" / name / "events_all.txt"
+
 UUID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -135,3 +140,23 @@ def proc_mem_kb(pid: int) -> dict[str, int]:
                 key, value = line.split(":", 1)
                 out[key] = int(value.split()[0])
     return out
+
+
+def proc_context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches summed over every thread of ``pid``.
+
+    A voluntary switch is the process going to sleep (epoll_wait, a lock, a
+    read with nothing to read): each one is a wake-up later.
+    """
+    vol = invol = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as handle:
+                for line in handle:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
+        except OSError:   # a thread that just ended
+            pass
+    return vol, invol

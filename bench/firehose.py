@@ -21,16 +21,26 @@ Calls are stamped from the S1 capture (common.CallTemplate). Two modes:
   relative times (Event-Date-Timestamp offsets, 0 .. 2.54 s), interleaved with
   the other calls in progress. The send time of chosen trigger frames is
   recorded (time.monotonic_ns, taken just before the ``sendall`` carrying it).
+* one by one (``mix`` given): the operating point of a real PBX. Call i starts
+  at ``i / rate`` s and is a clone of one of the ``mix`` captures in turn (S1
+  inbound, S8 outbound: 12.5 frames per call with fs-zammad's subscription).
+  Its frames are time-warped: what the capture shows before the first
+  CHANNEL_ANSWER takes ``ring`` seconds, the rest up to the hangup ``talk``
+  seconds (both drawn per call, reproducibly, from the given ranges), and
+  frames the capture stamps at the same microsecond go out ``gap_ms`` apart.
+  Every frame is its own ``sendall``, so the reader wakes up for it alone
+  unless it is already behind.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 import socket
 import threading
 import time
 
-from common import CallTemplate
+from common import S1_CAPTURE, CallTemplate, capture
 
 AUTH_REQUEST = b"Content-Type: auth/request\n\n"
 CHANNELS_JSON = b'{"row_count":0}'
@@ -172,10 +182,10 @@ class Firehose:
                     return None
                 self.cond.wait(min(left, 0.1))
 
-    def template(self, events: set[str]) -> CallTemplate:
-        key = frozenset(events)
+    def template(self, events: set[str], path=S1_CAPTURE) -> CallTemplate:
+        key = (frozenset(events), str(path))
         if key not in self.templates:
-            self.templates[key] = CallTemplate(set(events))
+            self.templates[key] = CallTemplate(set(events), path)
         return self.templates[key]
 
     # -- runs ------------------------------------------------------------------
@@ -184,15 +194,23 @@ class Firehose:
         client = self.subscribed_client(params.get("wait", 10.0))
         if client is None:
             return {"error": "no subscribed client"}
-        tmpl = self.template(client.events)
         self._stop_run.clear()
         self._result = None
-        target = self._run_paced if params.get("rate") else self._run_max
+        if params.get("mix"):
+            tmpl = [self.template(client.events, capture(name)) for name in params["mix"]]
+            target = self._run_one_by_one
+            frames = sum(t.frames_per_call for t in tmpl) / len(tmpl)
+            size = sum(t.bytes_per_call for t in tmpl) / len(tmpl)
+            names = [t.names for t in tmpl]
+        else:
+            tmpl = self.template(client.events)
+            target = self._run_paced if params.get("rate") else self._run_max
+            frames, size, names = tmpl.frames_per_call, tmpl.bytes_per_call, tmpl.names
         self._run_thread = threading.Thread(target=self._guard, args=(target, client, tmpl, params),
                                             daemon=True)
         self._run_thread.start()
-        return {"frames_per_call": tmpl.frames_per_call, "bytes_per_call": tmpl.bytes_per_call,
-                "events": sorted(client.events), "names": tmpl.names}
+        return {"frames_per_call": frames, "bytes_per_call": size,
+                "events": sorted(client.events), "names": names}
 
     def _guard(self, target, client, tmpl, params) -> None:
         try:
@@ -291,6 +309,63 @@ class Firehose:
             frames += 1
             if j in triggers:
                 stamps.append((c, triggers[j], t_send))
+        return {"calls_sent": started, "t_first_ns": t_first, "t_last_ns": time.monotonic_ns(),
+                "frames_sent": frames, "stamps": stamps}
+
+    def _run_one_by_one(self, client: Client, templates: list, params: dict) -> dict:
+        """Calls start at ``rate``/s, frames spread over ring and talk time, one per send."""
+        rate, calls = params["rate"], params["calls"]
+        first, tag = params.get("first", 0), params.get("tag", 0)
+        ring_lo, ring_hi = params.get("ring", (1.0, 3.0))
+        talk_lo, talk_hi = params.get("talk", (2.0, 5.0))
+        gap = params.get("gap_ms", 5.0) / 1000
+        triggers = params.get("triggers") or [{} for _ in templates]  # per template
+        t0 = time.monotonic_ns() + 50_000_000
+        schedule = []   # (due ns, call, frame index)
+        for n in range(calls):
+            c = first + n
+            tmpl = templates[c % len(templates)]
+            rng = random.Random(c)
+            ring, talk = rng.uniform(ring_lo, ring_hi), rng.uniform(talk_lo, talk_hi)
+            offsets = tmpl.offsets_s
+            answered = next(o for o, name in zip(offsets, tmpl.names) if name == "CHANNEL_ANSWER")
+            end = offsets[-1]
+            start = t0 + int(n * 1e9 / rate)
+            previous, same = None, 0
+            for j, off in enumerate(offsets):
+                same = same + 1 if off == previous else 0
+                previous = off
+                warped = (off / answered * ring if off < answered
+                          else ring + (off - answered) / max(end - answered, 1e-9) * talk)
+                schedule.append((start + int((warped + same * gap) * 1e9), c, j))
+        heapq.heapify(schedule)
+        frames_of: dict[int, list[bytes]] = {}
+        left_of: dict[int, int] = {}
+        stamps, frames, t_first, started = [], 0, None, 0
+        while schedule:
+            t_due, c, j = heapq.heappop(schedule)
+            if c not in frames_of:
+                if self._stop_run.is_set():   # no new calls; started ones finish
+                    continue
+                tmpl = templates[c % len(templates)]
+                frames_of[c] = tmpl.call_frames(c, tag)
+                left_of[c] = tmpl.frames_per_call
+                started += 1
+            delay = (t_due - time.monotonic_ns()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+            t_send = time.monotonic_ns()
+            if t_first is None:
+                t_first = t_send
+            if not client.send(frames_of[c][j]):
+                return {"error": "client gone", "calls_started": started}
+            frames += 1
+            label = triggers[c % len(templates)].get(j)
+            if label:
+                stamps.append((c, label, t_send))
+            left_of[c] -= 1
+            if not left_of[c]:
+                del frames_of[c], left_of[c]
         return {"calls_sent": started, "t_first_ns": t_first, "t_last_ns": time.monotonic_ns(),
                 "frames_sent": frames, "stamps": stamps}
 

@@ -41,7 +41,14 @@ sys.path.insert(0, str(HERE.parent))
 
 import firehose  # noqa: E402
 import standin  # noqa: E402
-from common import CallTemplate, call_index, proc_cpu_seconds, proc_mem_kb  # noqa: E402
+from common import (  # noqa: E402
+    CallTemplate,
+    call_index,
+    capture,
+    proc_context_switches,
+    proc_cpu_seconds,
+    proc_mem_kb,
+)
 
 PASSWORD = "bench-esl-pw"
 TOKEN = "bench-token-0123456789"
@@ -57,6 +64,13 @@ TARGET_RATIO = 1.0
 TARGET_P99_MS = 10.0
 TARGET_BURST_RSS_MB = 80.0
 TARGET_CPU_FACTOR = 1.1
+TARGET_PACED_FACTOR = 1.5      # CPU per call, one by one at 40 calls/s, vs the firehose
+
+#: The paced phase: rates (calls/s) and the captures cloned in turn (S1 inbound,
+#: S8 outbound: 12.5 frames per call with fs-zammad's subscription).
+PACED_RATES = (10, 40, 100)
+PACED_MIX = ("S1", "S8")
+PACED_COUNT_RATE = 40          # the rate of the counting sub-run (strace, greenlet switches)
 
 PROFILES = {
     #            quick   default
@@ -72,6 +86,10 @@ PROFILES = {
     "burst_calls": (500, 2000),
     "outage_seconds": (8.0, 60.0),
     "outage_rate": (50, 50),
+    "paced_seconds": (4.0, 8.0),        # calls start for this long, per rate (fs-zammad)
+    "paced_bare_seconds": (3.0, 5.0),   # the same for the bare forwarder (ceiling)
+    "paced_count_seconds": (2.0, 3.0),  # the counting sub-run under strace
+    "paced_ref_calls": (600, 2000),     # firehose reference if the info phase did not run
 }
 
 
@@ -342,12 +360,12 @@ class Bench:
                 return st
             time.sleep(0.05)
 
-    def triggers(self, subscription) -> dict:
+    def triggers(self, subscription, path=None) -> dict:
         """Which template frame makes fs-zammad send newCall / answer / hangup."""
         from fs_zammad.calls import CallTracker
         from fs_zammad.wire import parse_event_plain
 
-        tmpl = CallTemplate(set(subscription))
+        tmpl = CallTemplate(set(subscription), *([path] if path else []))
         tracker = CallTracker()
         found = {}
         for index, raw in enumerate(tmpl.call_frames(0, 0)):
@@ -592,6 +610,128 @@ class Bench:
         svc.cleanup()
         return out
 
+    def paced(self, rate: float, seconds: float, bare: bool = False, count: bool = False,
+              profile: bool = False) -> dict:
+        """The operating point of a PBX: ``rate`` calls/s, each call's frames one by one
+        over its ring and talk time (firehose ``_run_one_by_one``), interleaved.
+
+        ``bare``: the same stream into bare.py's greenswitch+requests forwarder
+        (the ceiling of this operating point). ``count``: fs-zammad under strace
+        and with a greenlet-switch counter, for counts only (its CPU is not used).
+        """
+        self.zammad("set", {"status": 200, "delay_ms": 0, "reset": True, "record": True})
+        calls = max(2, int(seconds * rate))
+        svc = proc = strace = None
+        counter = None
+        if bare:
+            subscription = self.service_subscription()
+            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), "forward",
+                                     str(self.fs_port), PASSWORD, self.url, str(calls),
+                                     *subscription], stdout=subprocess.PIPE,
+                                    stdin=subprocess.PIPE, text=True,
+                                    env={**os.environ, "BARE_LINGER": "1"})
+            self.pin(proc.pid, SERVICE_CORE)
+            if proc.stdout.readline().strip() != "READY":
+                raise RuntimeError("bare forwarder did not start")
+            pid = proc.pid
+        else:
+            extra = None
+            if count:
+                counter = Path(tempfile.mkdtemp(prefix="fszb-count-"))
+                self.temp_dirs.append(counter)
+                (counter / "sitecustomize.py").write_text(GREENLET_COUNTER)
+                extra = {"PYTHONPATH": str(counter), "FSZB_GREENLET_COUNT": str(counter / "n")}
+            svc = Service(self, "INFO", extra)
+            subscription, pid = svc.subscription, svc.pid
+        triggers = [self.triggers(subscription, capture(name)) for name in PACED_MIX]
+        sampler = Sampler(pid, svc.state_dir if svc else None)
+        spy = None
+        try:
+            if count:
+                strace_out = counter / "strace.txt"
+                strace = subprocess.Popen(["strace", "-f", "-qq", "-y", "-s", "8", "-x", "-o",
+                                           str(strace_out), "-p", str(pid)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                self.pin(strace.pid, GENERATOR_CORE)
+                time.sleep(1.0)   # attached to every thread
+                switches0 = read_counter(counter / "n")
+            if profile:
+                spy = self.start_profile(pid, f"paced-{rate:g}")
+            cpu0, ctx0 = proc_cpu_seconds(pid), proc_context_switches(pid)
+            sampler.start()
+            info = self.fs("run", {"calls": calls, "first": self.next_call, "tag": self.new_tag(),
+                                   "rate": rate, "mix": PACED_MIX, "triggers": triggers},
+                           timeout=30)
+            self.next_call += calls
+            if "error" in info:
+                raise RuntimeError(f"firehose: {info['error']}")
+            fs = self.fs_result(seconds + 60)
+            st = self.wait_hangups(calls, svc)
+            cpu1, ctx1 = proc_cpu_seconds(pid), proc_context_switches(pid)
+            if count:
+                switches1 = read_counter(counter / "n")
+                strace.send_signal(signal.SIGINT)
+                strace.wait(30)
+            records = self.zammad("records", timeout=30)
+            mem = proc_mem_kb(pid) if svc is not None else {}
+        finally:
+            if spy is not None:
+                self.stop_profile(spy)
+            if strace is not None and strace.poll() is None:
+                strace.kill()
+            self.zammad("set", {"record": False})
+            sampler.stop()
+            if svc is not None:
+                rc = svc.stop()
+            else:
+                own = json.loads(proc.stdout.readline() or "{}")
+                proc.stdin.close()   # the firehose is done: the forwarder may go
+                rc = proc.wait(10)
+        if svc is None:
+            # The forwarder exits once done: its own figures (READY -> last hangup).
+            cpu1, ctx1 = cpu0 + own.get("cpu_s", 0.0), (ctx0[0] + own.get("wakeups", 0), ctx0[1])
+            last = max((s["rss_kb"] for s in sampler.samples if s.get("rss_kb")), default=0)
+            mem = {"VmHWM": own.get("peak_rss_kb", 0), "VmRSS": last}
+        sent = {(c, label): t for c, label, t in fs["stamps"]}
+        lat, missing = [], 0
+        for t_arr, call_id, event, status in records:
+            t_sent = sent.get((call_index(call_id), event))
+            if t_sent is None:
+                missing += 1
+            elif status == 200:
+                lat.append((t_arr - t_sent) / 1e6)
+        done = st["hangups_ok"]
+        frames = info["frames_per_call"]
+        cpu = cpu1 - cpu0
+        out = {"target": "bare forwarder" if bare else "fs-zammad", "rate_calls_per_s": rate,
+               "calls": calls, "complete": st["complete"], "hangups_delivered": done,
+               "frames_per_call": frames, "mix": list(PACED_MIX),
+               "span_s": r((st["last_hangup_ok_ns"] - fs["t_first_ns"]) / 1e9, 2),
+               "cpu_s": r(cpu, 3), "cpu_ms_per_call": r(cpu / calls * 1000, 3),
+               "cpu_us_per_event": r(cpu / (calls * frames) * 1e6, 1),
+               "wakeups_per_call": r((ctx1[0] - ctx0[0]) / calls, 1),
+               "wakeups_per_event": r((ctx1[0] - ctx0[0]) / (calls * frames), 2),
+               "involuntary_per_call": r((ctx1[1] - ctx0[1]) / calls, 2),
+               "requests_matched": len(lat), "unmatched": missing,
+               "p50_ms": r(pct(lat, 0.5), 2), "p99_ms": r(pct(lat, 0.99), 2),
+               "max_ms": r(max(lat) if lat else None, 2),
+               "peak_rss_mb": r(mem["VmHWM"] / 1024), "last_rss_mb": r(mem["VmRSS"] / 1024),
+               "exit_code": rc, "samples": sampler.samples}
+        if svc is not None:
+            out["log"] = svc.log_summary()
+            svc.cleanup()
+        if count:
+            out["counts"] = count_strace(strace_out, calls, calls * frames)
+            out["counts"]["greenlet_switches_per_event"] = (
+                r((switches1 - switches0) / (calls * frames), 1)
+                if switches0 is not None and switches1 is not None else None)
+            out["counts"]["greenlet_switches_per_call"] = (
+                r((switches1 - switches0) / calls, 1)
+                if switches0 is not None and switches1 is not None else None)
+        if spy is not None:
+            out["profile"] = spy["summary"]
+        return out
+
     # -- profiling -------------------------------------------------------------
 
     def start_profile(self, pid: int, name: str) -> dict | None:
@@ -620,6 +760,67 @@ class Bench:
         if spy["raw"].exists():
             spy["summary"] = summarize_profile(spy["raw"])
             (spy["raw"].with_suffix(".summary.txt")).write_text(format_profile(spy["summary"]))
+
+
+#: Injected (bench only) into the counting sub-run's fs-zammad through PYTHONPATH:
+#: counts greenlet switches and writes the count to a file every 64 switches.
+GREENLET_COUNTER = """
+import os
+_path = os.environ.get("FSZB_GREENLET_COUNT")
+if _path:
+    import greenlet
+    _fd = os.open(_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    _n = [0]
+
+    def _trace(event, args):
+        if event in ("switch", "throw"):
+            _n[0] += 1
+            if not _n[0] & 63:
+                os.pwrite(_fd, b"%20d" % _n[0], 0)
+        return None
+
+    greenlet.settrace(_trace)
+"""
+
+
+def read_counter(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+
+
+_STRACE_CALL = re.compile(r"^\d+\s+(?:<\.\.\. )?(\w+)(\(| resumed>)")
+# A WAL frame header (24 bytes): page number, then the database size in pages
+# after the commit, which only the last frame of a transaction carries (non-zero).
+_WAL_HEADER = re.compile(r'pwrite64\(\d+<[^>]*-wal>, "((?:\\x[0-9a-f]{2})+)"(?:\.\.\.)?, 24, ')
+
+
+def count_strace(path: Path, calls: int, events: int) -> dict:
+    """Syscalls per event from ``strace -f -y -s 8 -x`` output; SQLite commits are
+    the WAL frames whose header says "commit" (writes to the WAL file itself)."""
+    counts: dict[str, int] = {}
+    commits = frames = 0
+    for line in path.read_text("utf-8", "replace").splitlines():
+        m = _STRACE_CALL.match(line)
+        if not m or m.group(2) == " resumed>":
+            continue
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        w = _WAL_HEADER.search(line)
+        if w:
+            frames += 1
+            raw = bytes(int(x, 16) for x in w.group(1).split("\\x")[1:])
+            if len(raw) >= 8 and raw[4:8] != b"\0\0\0\0":
+                commits += 1
+    total = sum(counts.values())
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:12]
+    return {"calls": calls, "events": events, "syscalls_per_event": r(total / events, 1),
+            "sqlite_commits_per_call": r(commits / calls, 2),
+            "wal_frames_per_call": r(frames / calls, 1),
+            "fdatasync_per_call": r((counts.get("fdatasync", 0) + counts.get("fsync", 0)) / calls, 2),
+            "epoll_waits_per_event": r((counts.get("epoll_wait", 0) + counts.get("epoll_pwait", 0))
+                                       / events, 2),
+            "top_syscalls_per_call": {k: r(v / calls, 1) for k, v in top}}
 
 
 _LINE = re.compile(r":\d+\)$")
@@ -769,6 +970,7 @@ def build_rows(res: dict) -> list[tuple]:
     if lt:
         row("latency, outbox on tmpfs (diagnostic: fsync-free WAL checkpoints)",
             f"p50 {lt['p50_ms']} ms, p99 {lt['p99_ms']} ms, max {lt['max_ms']} ms")
+    paced_rows(res, row, ok)
     s = res.get("slow")
     if s:
         row(f"slow Zammad ({s['delay_ms']:.0f} ms/answer, {s['calls']} calls)",
@@ -812,6 +1014,46 @@ def build_rows(res: dict) -> list[tuple]:
     return rows
 
 
+def paced_rows(res: dict, row, ok) -> None:
+    """The one-by-one rows, each beside the bare forwarder fed the same stream."""
+    paced = res.get("paced")
+    if not paced:
+        return
+    ref = res.get("e2e_info") or res.get("paced_reference")
+    ref_frame = ref and ref["cpu_s_per_1000_calls"] / ref["frames_per_call"]
+    if ref:
+        row(f"firehose reference for the paced rows (INFO, {ref['calls']:,} calls)",
+            f"{ref['cpu_s_per_1000_calls']:.3f} CPU ms/call "
+            f"({ref_frame * 1000:.0f} µs/event, {ref['frames_per_call']} frames/call)")
+    for rate, pair in paced["rates"].items():
+        s, b = pair["service"], pair["bare"]
+        # 12.5 frames/call against the firehose's 13: compare per event (the stricter)
+        factor = s["cpu_us_per_event"] / 1000 / ref_frame if ref else None
+        text = (f"{s['cpu_ms_per_call']:.3f} CPU ms/call ({s['cpu_us_per_event']:.0f} µs/event"
+                + (f", {factor:.2f}× the firehose" if factor else "")
+                + f"; bare forwarder {b['cpu_ms_per_call']:.3f} = {s['cpu_ms_per_call'] / b['cpu_ms_per_call']:.2f}×); "
+                f"{s['wakeups_per_call']} wake-ups/call (bare {b['wakeups_per_call']}); "
+                f"latency p50 {s['p50_ms']} / p99 {s['p99_ms']} ms (bare {b['p50_ms']} / "
+                f"{b['p99_ms']}); RSS {s['last_rss_mb']} MB, peak {s['peak_rss_mb']} MB"
+                + ("" if s["complete"] and b["complete"] else " INCOMPLETE"))
+        target, verdict = f"p99 ≤ {TARGET_P99_MS} ms", ok(s["p99_ms"] is not None
+                                                          and s["p99_ms"] <= TARGET_P99_MS)
+        if float(rate) == PACED_COUNT_RATE and factor:
+            target = f"≤ {TARGET_PACED_FACTOR}× firehose, < bare; " + target
+            verdict = ok(factor <= TARGET_PACED_FACTOR and s["cpu_ms_per_call"] < b["cpu_ms_per_call"]
+                         and s["p99_ms"] is not None and s["p99_ms"] <= TARGET_P99_MS)
+        row(f"paced {rate} calls/s, events one by one ({s['calls']:,} calls, "
+            f"{s['frames_per_call']} frames/call, INFO)", text, target, verdict)
+    c = paced.get("count", {}).get("counts")
+    if c:
+        top = ", ".join(f"{k} {v}" for k, v in list(c["top_syscalls_per_call"].items())[:6])
+        row(f"paced {PACED_COUNT_RATE} calls/s under strace (counts per call)",
+            f"SQLite commits {c['sqlite_commits_per_call']}, WAL frames {c['wal_frames_per_call']}, "
+            f"fdatasync {c['fdatasync_per_call']}; {c['syscalls_per_event']} syscalls/event, "
+            f"{c['epoll_waits_per_event']} epoll waits/event, greenlet switches "
+            f"{c['greenlet_switches_per_event']}/event; top: {top}")
+
+
 def markdown(rows) -> str:
     out = ["| measurement | result | target | verdict |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -833,7 +1075,7 @@ def strip_samples(d):
     return d
 
 
-PHASES = ("ceilings", "e2e", "info", "latency", "slow", "long", "burst", "outage")
+PHASES = ("ceilings", "e2e", "info", "latency", "paced", "slow", "long", "burst", "outage")
 
 
 def main(argv=None) -> int:
@@ -847,6 +1089,10 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-calls", type=int, dest="e2e_calls")
     ap.add_argument("--burst-calls", type=int, dest="burst_calls")
     ap.add_argument("--latency-seconds", type=float, dest="latency_seconds")
+    ap.add_argument("--paced-rates", default=",".join(map(str, PACED_RATES)),
+                    help="calls/s of the paced rows (default 10,40,100; the verdict is at 40)")
+    ap.add_argument("--paced-seconds", type=float, dest="paced_seconds",
+                    help="seconds during which paced calls start, per rate (default 8)")
     ap.add_argument("--retry-max", default="", help="ZAMMAD_RETRY_MAX for the outage run "
                     "(default: the service default, 15 s; --quick uses 2)")
     ap.add_argument("--only", default="", help=f"comma list of phases: {','.join(PHASES)}")
@@ -946,6 +1192,32 @@ def main(argv=None) -> int:
                 args.state_base = ""
             log(f"  p50 {res['latency_tmpfs']['p50_ms']} ms, p99 {res['latency_tmpfs']['p99_ms']} ms")
 
+    def phase_paced():
+        if "e2e_info" not in res:
+            log(f"firehose reference for the paced rows: INFO, {bench.p('paced_ref_calls')} calls")
+            res["paced_reference"] = bench.e2e(bench.p("paced_ref_calls"), "INFO", name="info")
+        out = res["paced"] = {"rates": {}}
+        for rate in [float(x) if "." in x else int(x) for x in args.paced_rates.split(",") if x]:
+            log(f"paced: {rate} calls/s, frames one by one ({'+'.join(PACED_MIX)}), "
+                f"{bench.p('paced_seconds')} s of calls")
+            svc = bench.paced(rate, bench.p("paced_seconds"))
+            log(f"  {svc['cpu_ms_per_call']} CPU ms/call, p99 {svc['p99_ms']} ms; the same "
+                f"stream into the bare forwarder, {bench.p('paced_bare_seconds')} s of calls")
+            bare = bench.paced(rate, bench.p("paced_bare_seconds"), bare=True)
+            log(f"  bare: {bare['cpu_ms_per_call']} CPU ms/call")
+            out["rates"][str(rate)] = {"service": svc, "bare": bare}
+        log(f"paced: counting sub-run at {PACED_COUNT_RATE} calls/s under strace (counts only)")
+        if shutil.which("strace"):
+            out["count"] = bench.paced(PACED_COUNT_RATE, bench.p("paced_count_seconds"),
+                                       count=True)
+            log(f"  {out['count']['counts']}")
+        else:
+            log("  strace not installed: no counts")
+        if args.profile:
+            log(f"paced: again at {PACED_COUNT_RATE} calls/s under py-spy (numbers not used)")
+            out["profiled"] = bench.paced(PACED_COUNT_RATE, bench.p("paced_seconds"),
+                                          profile=True)
+
     def phase_slow():
         log(f"slow Zammad (100 ms), {bench.p('slow_calls')} calls")
         res["slow"] = bench.slow_zammad(bench.p("slow_calls"))
@@ -967,7 +1239,7 @@ def main(argv=None) -> int:
         log(f"  drain {res['outage']['drain_events_per_s']} events/s")
 
     runners = {"ceilings": phase_ceilings, "e2e": phase_e2e, "info": phase_info,
-               "latency": phase_latency, "slow": phase_slow, "long": phase_long,
+               "latency": phase_latency, "paced": phase_paced, "slow": phase_slow, "long": phase_long,
                "burst": phase_burst, "outage": phase_outage, "ceilings_end": phase_ceilings_end}
     if "ceilings" in phases and {"long", "outage"} & set(phases):
         phases.append("ceilings_end")
