@@ -127,6 +127,9 @@ def setup(level: str = "INFO", fmt: str = "text", secrets=()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactSecrets(secrets))
+    # No line shows the process or thread: not looking them up saves a
+    # getpid() and, under gevent, a thread object per greenlet on every record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -105,6 +105,7 @@ class Service:
             on_connected=self.on_connected, on_state=self._esl_state)
         self._resync_seen: set | None = None  # uuids seen while a resync is under way
         self._batch: list = []  # Zammad events not yet written (see on_event)
+        self._saved: dict[str, int] = {}  # call id -> hash of the state last written
         self.stop_requested = Event()
         self.failed = False  # a worker died or the outbox is damaged: exit 1
         self.notifier = Notifier()  # systemd Type=notify; does nothing elsewhere
@@ -130,8 +131,18 @@ class Service:
                 self._resync_seen.add(headers.get("Unique-ID", ""))
             self._batch += self.tracker.handle(headers, time.time())
         # One transaction for what arrived together; at once when nothing waits.
-        if len(self._batch) >= BATCH_MAX or self.esl.backlog() == 0:
+        # Call state that owes Zammad nothing waits (up to CHECKPOINT_INTERVAL,
+        # see _checkpoint_loop) to share a commit: the file then always holds
+        # the state after some prefix of the events read, with every Zammad
+        # event of that prefix. A kill -9 is then the same as a kill that much
+        # earlier, whose lost events the resync with FreeSWITCH settles, as it
+        # does for the events still in the socket.
+        if self._batch and (len(self._batch) >= BATCH_MAX or self.esl.backlog() == 0):
             self._store(())
+
+    def write_waiting_state(self) -> None:
+        """Write the call state that waits for company (see on_event)."""
+        self._store(())
 
     def on_connected(self, supervisor: EslSupervisor) -> None:
         """After every (re)connect: learn which calls are up, settle the gap.
@@ -172,8 +183,17 @@ class Service:
         events, self._batch = self._batch + list(events), []
         if not events and not tracker.dirty:
             return
+        upserts, deletes = tracker.dirty_rows()
+        # A call whose saved form did not change need not be written again.
+        saved = self._saved
+        upserts = [(call_id, text) for call_id, text in upserts if saved.get(call_id) != hash(text)]
         # A disk that does not take them keeps them in the outbox's memory (bounded).
-        refused = self.outbox.record(events, *tracker.dirty_rows())
+        refused = self.outbox.record(events, upserts, deletes) if events or upserts or deletes \
+            else 0
+        for call_id, text in upserts:
+            saved[call_id] = hash(text)
+        for call_id in deletes:
+            saved.pop(call_id, None)
         tracker.dirty.clear()
         if refused:
             metrics.OUTBOX_REFUSED.inc(refused)
@@ -263,6 +283,7 @@ class Service:
         threadpool = gevent.get_hub().threadpool
         checkpoint_error = read_error = None  # each said once
         while not self.stop_requested.wait(CHECKPOINT_INTERVAL):
+            self.write_waiting_state()
             # gevent prints the traceback of whatever a pool thread raises: return it instead.
             failed = threadpool.apply(self._checkpoint)
             if failed and failed != checkpoint_error:
@@ -317,6 +338,7 @@ class Service:
         log.info("stopping: no more events from FreeSWITCH; sending what is queued (up to "
                  "%.0f s)", self.settings.shutdown_timeout)
         self.esl.stop()                      # 1. stop accepting
+        self.write_waiting_state()
         drained = all([delivery.drain(deadline)  # 2. drain until the deadline (all keep sending)
                        for delivery in self.deliveries.values()])
         for delivery in self.deliveries.values():
