@@ -323,6 +323,10 @@ class CallTracker:
     def leg_ids(self) -> set[str]:
         return set(self._leg_call)
 
+    def call_of_leg(self, uuid: str) -> Call | None:
+        """The call a leg belongs to now (None: not followed, or ended)."""
+        return self._call_of(uuid)
+
     def expire(self, now: float) -> list[ZammadEvent]:
         """End calls older than ``max_call_seconds`` (their hangup was lost)."""
         events: list[ZammadEvent] = []

@@ -47,6 +47,17 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("ZAMMAD_API_TOKEN", "", "Zammad access token (Profile > Token Access) for the REST API, "
                              "or ZAMMAD_API_TOKEN_FILE; unset = no REST calls"),
     ("ZAMMAD_API_TOKEN_FILE", "", "file holding ZAMMAD_API_TOKEN"),
+    ("VOICEMAIL_TICKETS", "false", "a message left in a mailbox becomes a Zammad ticket with the "
+                                   "recording (true/false; needs ZAMMAD_API_TOKEN and "
+                                   "VOICEMAIL_GROUP); per tenant VOICEMAIL_TICKETS_<NAME>"),
+    ("VOICEMAIL_GROUP", "", "name of the Zammad group the voicemail tickets go to; per tenant "
+                            "VOICEMAIL_GROUP_<NAME>"),
+    ("VOICEMAIL_CUSTOMER", "", "login or email of the Zammad customer for messages from "
+                               "anonymous callers; unset = none (Zammad refuses such a ticket: "
+                               "set aside); per tenant VOICEMAIL_CUSTOMER_<NAME>"),
+    ("VOICEMAIL_PATH_MAP", "", "where FreeSWITCH's voicemail files are for fs-zammad, e.g. "
+                               "/var/lib/freeswitch/storage=/voicemail (comma-separated, "
+                               "longest match wins); unset = the same paths"),
     ("ZAMMAD_TIMEOUT", "10", "seconds to wait for Zammad's answer to one request"),
     ("ZAMMAD_CA_BUNDLE", "", "CA bundle file for Zammad's TLS certificate (default: system CAs)"),
     ("ZAMMAD_TLS_VERIFY", "true", "verify Zammad's TLS certificate (true/false)"),
@@ -108,6 +119,9 @@ class Settings:
     instances: Mapping[str, str] = dataclasses.field(repr=False)  # name -> CTI URL; "" = default
     # name -> (REST base URL, token), for the instances given a ZAMMAD_API_TOKEN
     api: Mapping[str, tuple[str, str]] = dataclasses.field(repr=False)
+    # name -> (group, fallback customer), for the instances with VOICEMAIL_TICKETS on
+    voicemail: Mapping[str, tuple[str, str]]
+    voicemail_path_map: tuple[tuple[str, str], ...]  # (FreeSWITCH's prefix, ours), longest first
     routes: tuple[tuple[str, str, str], ...]  # (did|domain, glob, instance name)
     zammad_timeout: float
     zammad_verify: bool | str
@@ -166,7 +180,7 @@ def _number(env, name, kind=float, low=0.0, high=None):
 
 
 def _bool(env, name) -> bool:
-    raw = env.get(name, DEFAULTS[name]).strip().lower()
+    raw = env.get(name, DEFAULTS.get(name, "")).strip().lower()
     if raw in ("1", "true", "yes", "on"):
         return True
     if raw in ("0", "false", "no", "off"):
@@ -237,7 +251,7 @@ def _api(env, instances: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     part of the CTI URL before /api/v1/cti/."""
     api = {}
     for name in ["", *(n for n in instances if n)]:
-        suffix = "_" + name.upper().replace("-", "_") if name else ""
+        suffix = _suffix(name)
         token_var, url_var = "ZAMMAD_API_TOKEN" + suffix, "ZAMMAD_API_URL" + suffix
         path = env.get(f"{token_var}_FILE", "").strip()
         try:
@@ -261,6 +275,54 @@ def _api(env, instances: Mapping[str, str]) -> dict[str, tuple[str, str]]:
                               "says where Zammad is")
         api[name] = (url, token)
     return api
+
+
+def _suffix(instance: str) -> str:
+    return "_" + instance.upper().replace("-", "_") if instance else ""
+
+
+def _tenant_value(env, var: str, suffix: str) -> tuple[str, str]:
+    """(value, the variable it came from): a tenant's own ``<var>_<NAME>`` wins."""
+    own = env.get(var + suffix, "").strip()
+    if own or not suffix:
+        return own or DEFAULTS[var], var + suffix
+    return env.get(var, DEFAULTS[var]).strip(), var
+
+
+def _voicemail(env, instances: Mapping[str, str], api: Mapping) -> dict[str, tuple[str, str]]:
+    """Instances with VOICEMAIL_TICKETS on -> (group, fallback customer)."""
+    if not instances and _bool(env, "VOICEMAIL_TICKETS"):
+        raise ConfigError("VOICEMAIL_TICKETS=true but ZAMMAD_CTI_URL is not set: which Zammad "
+                          "should get the tickets?")
+    voicemail = {}
+    for name in instances:
+        suffix = _suffix(name)
+        raw, tickets_var = _tenant_value(env, "VOICEMAIL_TICKETS", suffix)
+        if not _bool({tickets_var: raw or "false"}, tickets_var):
+            continue
+        if name not in api:
+            raise ConfigError(f"{tickets_var}=true needs ZAMMAD_API_TOKEN{suffix} (a token with "
+                              "ticket.agent and cti.agent)")
+        group, group_var = _tenant_value(env, "VOICEMAIL_GROUP", suffix)
+        if not group:
+            raise ConfigError(f"{tickets_var}=true needs {group_var} (the Zammad group the "
+                              "tickets go to)")
+        voicemail[name] = (group, _tenant_value(env, "VOICEMAIL_CUSTOMER", suffix)[0])
+    return voicemail
+
+
+def _path_map(env) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for entry in env.get("VOICEMAIL_PATH_MAP", "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        source, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or not source.startswith("/") or not target.startswith("/"):
+            raise ConfigError(f"VOICEMAIL_PATH_MAP: {entry!r} is not <FreeSWITCH's path>="
+                              "<path here>, e.g. /var/lib/freeswitch/storage=/voicemail")
+        pairs.append((source.rstrip("/") or "/", target.rstrip("/") or "/"))
+    return tuple(sorted(pairs, key=lambda pair: -len(pair[0])))
 
 
 def _routes(env, instances) -> tuple[tuple[str, str, str], ...]:
@@ -349,6 +411,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     metrics_raw = env.get("METRICS_PORT", "").strip()
     url = _zammad_url(env)
     instances = _instances(env, url)
+    api = _api(env, instances)
     return Settings(
         freeswitch_host=host,
         freeswitch_port=_number(env, "FREESWITCH_PORT", int, 1, 65535),
@@ -358,7 +421,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         freeswitch_reconnect_max=_number(env, "FREESWITCH_RECONNECT_MAX", float, 0.1, 3600),
         zammad_url=url,
         instances=instances,
-        api=_api(env, instances),
+        api=api,
+        voicemail=_voicemail(env, instances, api),
+        voicemail_path_map=_path_map(env),
         routes=_routes(env, instances),
         zammad_timeout=_number(env, "ZAMMAD_TIMEOUT", float, 0.1, 600),
         zammad_verify=verify,

@@ -41,6 +41,7 @@ from gevent.pool import Pool
 
 from fs_zammad import zammad
 from fs_zammad.outbox import Outbox, OutboxUnwritable, Row
+from fs_zammad.voicemail import JOB
 
 log = logging.getLogger("fs_zammad.delivery")
 
@@ -77,10 +78,11 @@ def probe_fields(purpose: str = "probe") -> tuple[tuple[str, str], ...]:
 
 class Delivery:
     def __init__(self, outbox: Outbox, client, concurrency: int = 8, retry_max: float = 60.0,
-                 on_sent=None, on_action=None, instance: str = ""):
+                 on_sent=None, on_action=None, instance: str = "", jobs=None):
         self.outbox = outbox
         self.instance = instance  # the outbox rows this delivery sends (one per Zammad)
         self.client = client
+        self.jobs = jobs  # tickets.TicketJobs: runs the outbox's ticket jobs (None: off)
         self.concurrency = concurrency
         self.retry_max = retry_max
         self.on_sent = on_sent or (lambda row, outcome: None)
@@ -173,7 +175,7 @@ class Delivery:
         try:
             if row.once:  # so that a crash mid-request leaves it unsure, never resent
                 self.outbox.mark_sending(row.id)
-            outcome = self.client.post(row.fields)
+            outcome = self._perform(row)
             self._settle(row, outcome)
         except gevent.GreenletExit:
             if row.once:
@@ -191,6 +193,15 @@ class Delivery:
         finally:
             self._inflight.pop(row.id, None)
             self._wake.set()
+
+    def _perform(self, row: Row) -> zammad.Outcome:
+        """A CTI event is POSTed; a ticket job is run over Zammad's REST API."""
+        if row.event != JOB:
+            return self.client.post(row.fields)
+        if self.jobs is None:
+            return zammad.Outcome(zammad.FAILED, 0, "VOICEMAIL_TICKETS is off for this Zammad",
+                                  config_error=True)
+        return self.jobs.run(dict(row.fields))
 
     def _settle(self, row: Row, outcome: zammad.Outcome) -> None:
         kind = outcome.kind

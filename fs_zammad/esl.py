@@ -245,6 +245,16 @@ class _Connection(InboundESL):
                     pass
 
 
+def subscription(events) -> str:
+    """``event plain`` words for ``events`` plus HEARTBEAT. FreeSWITCH reads every
+    word after ``CUSTOM`` as a subclass name, so "CUSTOM <subclass>" entries go last."""
+    words = [*(e for e in events if not e.startswith("CUSTOM")), "HEARTBEAT"]
+    subclasses = [word for e in events if e.startswith("CUSTOM") for word in e.split()[1:]]
+    if subclasses or "CUSTOM" in events:
+        words += ["CUSTOM", *subclasses]
+    return " ".join(dict.fromkeys(words))
+
+
 class EslSupervisor:
     """Keeps one live, subscribed connection; hands every event to ``on_event``."""
 
@@ -257,7 +267,7 @@ class EslSupervisor:
         self.reconnect_max = reconnect_max
         # Subscribe to what is used, plus HEARTBEAT for liveness: an event not
         # subscribed is one FreeSWITCH need not format nor we parse.
-        self.subscription = " ".join(dict.fromkeys([*events, "HEARTBEAT"]))
+        self.subscription = subscription(events)
         self.keep = keep  # a wire.HeaderFilter: parse only the headers that are read
         self.on_event = on_event or (lambda headers: None)
         self.on_connected = on_connected or (lambda supervisor: None)

@@ -19,7 +19,7 @@ import time
 import gevent
 from gevent.event import Event
 
-from fs_zammad import metrics
+from fs_zammad import metrics, voicemail
 from fs_zammad.calls import (
     HEADER_PREFIXES_READ,
     HEADERS_READ,
@@ -35,8 +35,10 @@ from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
 from fs_zammad.notify import Notifier
 from fs_zammad.outbox import Outbox, ServiceLock, is_damage, open_outbox
+from fs_zammad.tickets import TicketJobs
 from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient
+from fs_zammad.zammad_api import ZammadApi
 
 log = logging.getLogger("fs_zammad")
 sent_log = logging.getLogger("fs_zammad.sent")
@@ -95,13 +97,17 @@ class Service:
         self.deliveries = {
             name: Delivery(self.outbox, client, settings.zammad_concurrency,
                            settings.zammad_retry_max, on_sent=self._log_sent,
-                           on_action=self._on_action, instance=name)
+                           on_action=self._on_action, instance=name,
+                           jobs=self._ticket_jobs(name))
             for name, client in clients.items()}
+        # Voicemail tickets: also mod_voicemail's events, and their VM-* headers.
+        events, headers = (TRACKED_EVENTS, HEADERS_READ) if not settings.voicemail else (
+            (*TRACKED_EVENTS, voicemail.SUBSCRIPTION), HEADERS_READ | voicemail.HEADERS_READ)
         self.esl = EslSupervisor(
             settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
             settings.freeswitch_timeout, settings.freeswitch_liveness,
-            settings.freeswitch_reconnect_max, events=TRACKED_EVENTS,
-            keep=HeaderFilter(HEADERS_READ, HEADER_PREFIXES_READ), on_event=self.on_event,
+            settings.freeswitch_reconnect_max, events=events,
+            keep=HeaderFilter(headers, HEADER_PREFIXES_READ), on_event=self.on_event,
             on_connected=self.on_connected, on_state=self._esl_state)
         self._resync_seen: set | None = None  # uuids seen while a resync is under way
         self._batch: list = []  # Zammad events not yet written (see on_event)
@@ -110,6 +116,15 @@ class Service:
         self.failed = False  # a worker died or the outbox is damaged: exit 1
         self.notifier = Notifier()  # systemd Type=notify; does nothing elsewhere
         metrics.bind(self)
+
+    def _ticket_jobs(self, instance: str) -> TicketJobs | None:
+        """The runner of an instance's voicemail ticket jobs (None: tickets off)."""
+        if instance not in self.settings.voicemail:
+            return None
+        url, token = self.settings.api[instance]
+        group, fallback_customer = self.settings.voicemail[instance]
+        return TicketJobs(ZammadApi(url, token, self.settings.zammad_timeout,
+                                    self.settings.zammad_verify), group, fallback_customer)
 
     def _saved_calls(self) -> list[Call]:
         """Calls in progress at the last stop; an unreadable one is logged and skipped."""
@@ -126,7 +141,10 @@ class Service:
     def on_event(self, headers) -> None:
         name = headers.get("Event-Name", "")
         metrics.EVENTS_RECEIVED.labels(name).inc()
-        if name != "HEARTBEAT":
+        if name == "CUSTOM":
+            if voicemail.left_message(headers):
+                self._voicemail_left(headers)
+        elif name != "HEARTBEAT":
             if self._resync_seen is not None:
                 self._resync_seen.add(headers.get("Unique-ID", ""))
             self._batch += self.tracker.handle(headers, time.time())
@@ -143,6 +161,19 @@ class Service:
     def write_waiting_state(self) -> None:
         """Write the call state that waits for company (see on_event)."""
         self._store(())
+
+    def _voicemail_left(self, headers) -> None:
+        """A message was left: its ticket job joins the call's events."""
+        job, why = voicemail.ticket_job(headers, self.tracker.call_of_leg(
+            headers.get("VM-UUID", "")), self.tracker.rules, self.settings.voicemail_path_map)
+        if job is None:
+            log.info("voicemail for %s@%s (leg %s): no ticket, %s", headers.get("VM-User", "?"),
+                     headers.get("VM-Domain", "?"), headers.get("VM-UUID", "?"), why)
+        elif job.instance not in self.settings.voicemail:
+            log.info("voicemail of call %s: no ticket, VOICEMAIL_TICKETS is off for Zammad %s",
+                     job.call_id, job.instance or "(default)")
+        else:
+            self._batch.append(job)
 
     def on_connected(self, supervisor: EslSupervisor) -> None:
         """After every (re)connect: learn which calls are up, settle the gap.
@@ -358,6 +389,8 @@ class Service:
         pending = self.outbox.recount()
         for delivery in self.deliveries.values():
             delivery.client.close()
+            if delivery.jobs is not None:
+                delivery.jobs.close()
         self.outbox.close()
         if self.lock is not None:
             self.lock.release()

@@ -214,21 +214,29 @@ class ZammadApi:
 
     # -- tickets -----------------------------------------------------------------
 
-    def create_ticket(self, *, title: str, group: str, customer_id: int, body: str,
-                      attachments: Sequence[Attachment] = (), subject: str = "") -> dict:
+    def create_ticket(self, *, title: str, group: str, body: str, customer_id: int | None = None,
+                      customer: str = "", attachments: Sequence[Attachment] = (),
+                      subject: str = "", internal: bool = False) -> dict:
         """A ticket with one article written by the token's user (sender Agent,
         so neither the auto-reply trigger nor caller-id detection treats the
-        text as the customer's, §2); 201 with the ticket, or ApiError."""
+        text as the customer's, §2); 201 with the ticket, or ApiError.
+
+        The customer is ``customer_id``, else ``customer`` (a login or email,
+        §2), else none: Zammad then refuses (422) unless it allows that."""
         article = {
             "subject": subject or title, "body": body, "content_type": "text/plain",
-            "type": "note", "sender": "Agent", "internal": False,
+            "type": "note", "sender": "Agent", "internal": internal,
             "preferences": {"send-auto-response": False},
             "attachments": [{"filename": a.filename, "mime-type": a.mime_type,
                              "data": base64.b64encode(a.data).decode("ascii")}
                             for a in attachments],
         }
-        return self._call("POST", "/api/v1/tickets", ok=201, json={
-            "title": title, "group": group, "customer_id": customer_id, "article": article})
+        ticket: dict[str, Any] = {"title": title, "group": group, "article": article}
+        if customer_id is not None:
+            ticket["customer_id"] = customer_id
+        elif customer:
+            ticket["customer"] = customer
+        return self._call("POST", "/api/v1/tickets", ok=201, json=ticket)
 
     def ticket_with_marker(self, marker: str) -> dict | None:
         """The ticket whose title holds ``marker``, found right after its creation:
