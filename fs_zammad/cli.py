@@ -160,6 +160,12 @@ def check(settings) -> int:
                 for name, (url, token) in settings.api.items()}
         for passed, what in check_api(apis, settings.agents.values()):
             say(passed, what)
+        from fs_zammad.tickets import check_tickets
+
+        for name, (group, _customer) in settings.voicemail.items():
+            for passed, what in check_tickets(apis[name], group,
+                                              f"Zammad API{f' [{name}]' if name else ''}"):
+                say(passed, what)
         for api in apis.values():
             api.close()
     elif settings.agents:

@@ -210,7 +210,9 @@ class TicketJobs:
         entry = self.api.caller_log_entry(job["callId"])
         matched = caller_log_customers(entry) if entry else []
         if matched:
-            return Customer(matched[0], name=str(entry.get("from_comment") or ""))
+            # Zammad's names of the matched users ("maybe ..." when none is known)
+            name = str(entry.get("from_comment") or "").removeprefix("maybe ")
+            return Customer(matched[0], name=name)
         number = job.get("from", "")
         if len(normalize_number(number)) >= 6:
             user = self.api.customer_for_phone(number)
@@ -222,3 +224,35 @@ class TicketJobs:
     def _missing(job: Mapping[str, str], recording: Recording) -> None:
         log.warning("voicemail of call %s: recording %s %s; the ticket says so", job["callId"],
                     job.get("file", ""), recording.problem)
+
+
+def check_tickets(api: ZammadApi, group: str, label: str) -> list[tuple[bool, str]]:
+    """``fs-zammad check``: may the token make voicemail tickets in ``group``
+    (the user's group access, §6) and read the caller log (``cti.agent``)?"""
+    lines = []
+    try:
+        groups = api.me(expand=True).get("groups") or {}
+    except ApiError as exc:
+        return [(False, f"{label}: voicemail tickets: the token does not work ({exc})")]
+    access = groups.get(group) if isinstance(groups, dict) else None
+    access = {access} if isinstance(access, str) else set(access or ())
+    if access & {"full", "create"}:
+        lines.append((True, f"{label}: voicemail tickets go to group {group!r}"))
+    elif group in groups:
+        lines.append((False, f"{label}: VOICEMAIL_GROUP {group!r}: the token's user may not "
+                             f"create tickets there (access: {', '.join(sorted(access))}); "
+                             "give it 'create' or 'full' in that group"))
+    else:
+        known = ", ".join(sorted(map(str, groups))) or "none"
+        lines.append((False, f"{label}: VOICEMAIL_GROUP {group!r} is not a group the token's "
+                             f"user can use (its groups: {known}); check the name"))
+    try:
+        api.caller_log_entry("fs-zammad-check")
+    except ApiError as exc:
+        why = "the token needs cti.agent to read the caller log" if exc.status == 403 \
+            else "caller log not readable"
+        lines.append((False, f"{label}: voicemail tickets: {why} ({exc})"))
+    else:
+        lines.append((True, f"{label}: caller log readable (finds each caller as Zammad "
+                            "matched them)"))
+    return lines

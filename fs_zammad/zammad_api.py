@@ -148,9 +148,10 @@ class ZammadApi:
 
     # -- who is who ------------------------------------------------------------
 
-    def me(self) -> dict:
-        """The token's own user: proves URL and token, not any permission (§6)."""
-        return self._call("GET", "/api/v1/users/me")
+    def me(self, expand: bool = False) -> dict:
+        """The token's own user: proves URL and token, not any permission (§6);
+        ``expand`` adds ``groups`` ({name: [access, ...]})."""
+        return self._call("GET", "/api/v1/users/me", params={"expand": "true"} if expand else None)
 
     def users_matching(self, text: str) -> list[dict]:
         """Users search (needs ``ticket.agent`` or ``admin.user``; 403 otherwise).

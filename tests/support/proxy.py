@@ -168,7 +168,7 @@ class Proxy:
         try:
             conn.request(handler.command, handler.path, body=raw, headers={
                 name: value for name, value in handler.headers.items()
-                if name.lower() in ("content-type", "accept", "user-agent")})
+                if name.lower() in ("content-type", "accept", "user-agent", "authorization")})
             response = conn.getresponse()
             body = response.read()
             return response.status, (response.status, response.getheader("Content-Type", ""),

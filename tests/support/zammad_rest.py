@@ -133,6 +133,20 @@ class ZammadRest:
                                   "o_id": uid, "user_id": uid})
         return found
 
+    def matches_comment(self, matches: list) -> str | None:
+        """``Cti::CallerId.get_comment_preferences``' comment: the known users' names
+        joined, else "maybe " and the others'; None without a match."""
+        names = {level: [] for level in ("known", "maybe")}
+        for match in matches:
+            user = self.users[match["user_id"]]
+            name = " ".join(filter(None, (user["firstname"], user["lastname"]))) or \
+                user.get("phone") or user["login"]
+            if name not in names[match["level"]]:
+                names[match["level"]].append(name)
+        if names["known"]:
+            return ", ".join(names["known"])
+        return "maybe " + ", ".join(names["maybe"]) if names["maybe"] else None
+
     def screen_pop_agent(self, answering_number, user) -> str | None:
         """``Cti::Driver::Base``: which agent gets the screen pop on an inbound answer:
         a known caller id equal to answeringNumber (6-26 digits only), a user
@@ -207,7 +221,10 @@ class ZammadRest:
                 if k not in ("permissions", "group_access", "password")}
 
     def _me(self, me, can, params, cti_calls) -> Answer:
-        return 200, self._public(me)
+        user = self._public(me)
+        if str(params.get("expand", "")).lower() == "true":  # §6: names, and the group access
+            user["groups"] = {name: [access] for name, access in me["group_access"].items()}
+        return 200, user
 
     def _page(self, params) -> int:
         try:
@@ -275,6 +292,14 @@ class ZammadRest:
         if agent and me["group_access"].get(group) not in ("full", "create"):
             raise RestError(403, "Not authorized")
         customer_id = params.get("customer_id") if agent else me["id"]
+        if customer_id is None and isinstance(params.get("customer"), str):
+            wanted = params["customer"].lower()   # by login, then email (§2)
+            found = next((u for u in self.users.values() if u["login"] == wanted), None) or \
+                next((u for u in self.users.values() if u["email"].lower() == wanted), None)
+            if found is None:
+                raise RestError(422, f"No lookup value found for 'customer': "
+                                     f"{json.dumps(params['customer'])}")
+            customer_id = found["id"]
         if customer_id is None:
             raise RestError(422, "Missing required value for field 'customer_id'!")
         if customer_id not in self.users:

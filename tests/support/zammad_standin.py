@@ -584,6 +584,7 @@ class ZammadStandIn:
             queue = f.get("queue")
             if queue is None:
                 queue = f.get("to") if direction == "in" else f.get("from")
+            matches = self.rest.caller_matches(f.get("from") if direction == "in" else f.get("to"))
             self.calls[call_id] = {
                 "direction": direction,
                 "from": f.get("from"),
@@ -591,10 +592,10 @@ class ZammadStandIn:
                 "queue": queue,
                 "state": "newCall",
                 "done": direction != "in",
-                "preferences": {"from" if direction == "in" else "to": self.rest.caller_matches(
-                    f.get("from") if direction == "in" else f.get("to"))},
+                "preferences": {"from" if direction == "in" else "to": matches},
                 "screen_pop": None,
-                "from_comment": user if direction == "out" and user_present else None,
+                "from_comment": user if direction == "out" and user_present
+                else self.rest.matches_comment(matches) if direction == "in" else None,
                 "to_comment": user if direction == "in" and user_present else None,
                 "comment": cause,
                 "answered": False,
