@@ -173,9 +173,9 @@ class TicketJobs:
         try:
             detail = self._run(job)
         except ApiError as exc:
-            return job_outcome(exc, (time.monotonic() - started) * 1000)
+            return job_outcome(exc, round((time.monotonic() - started) * 1000, 1))
         return zammad.Outcome(zammad.DELIVERED, 201, detail,
-                              elapsed_ms=(time.monotonic() - started) * 1000)
+                              elapsed_ms=round((time.monotonic() - started) * 1000, 1))
 
     def _run(self, job: Mapping[str, str]) -> str:
         existing = self.api.ticket_with_marker(job["marker"])
