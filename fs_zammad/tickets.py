@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Callable, Mapping
 
+from gevent.lock import BoundedSemaphore
+
 from fs_zammad import zammad
 from fs_zammad.zammad_api import (
     MAYBE,
@@ -164,6 +166,9 @@ class TicketJobs:
                  read: Callable[[str], Recording] = read_recording):
         self.api, self.group, self.fallback_customer, self.read = \
             api, group, fallback_customer, read
+        # One job at a time: two messages of a new caller must not each create
+        # a customer (Zammad's phones are not unique). Voicemails are rare.
+        self._one_at_a_time = BoundedSemaphore(1)
 
     def close(self) -> None:
         self.api.close()
@@ -171,7 +176,8 @@ class TicketJobs:
     def run(self, job: Mapping[str, str]) -> zammad.Outcome:
         started = time.monotonic()
         try:
-            detail = self._run(job)
+            with self._one_at_a_time:
+                detail = self._run(job)
         except ApiError as exc:
             return job_outcome(exc, round((time.monotonic() - started) * 1000, 1))
         return zammad.Outcome(zammad.DELIVERED, 201, detail,
