@@ -290,12 +290,17 @@ def test_reading_the_recording(tmp_path):
 # -- the runner against the stand-in's REST rules ------------------------------------------
 
 
-@pytest.fixture
-def rest(zammad):
+def with_voicemail_group(zammad):
+    """Zammad with a group "Voicemail" and fs-zammad's agent (TOKEN) allowed to create there."""
     zammad.rest.groups["Voicemail"] = 2
     zammad.rest.add_agent("fs-zammad@example.com", token=TOKEN,
                           groups={"Users": "full", "Voicemail": "create"})
     return zammad.rest
+
+
+@pytest.fixture
+def rest(zammad):
+    return with_voicemail_group(zammad)
 
 
 def runner(zammad, fallback="", url=None, read=None):

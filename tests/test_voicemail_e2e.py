@@ -6,14 +6,15 @@ fault test asserts what Zammad ends with: one ticket per message, the caller log
 as without tickets."""
 
 import shutil
+import subprocess
 
 import pytest
 
 from tests.support.proxy import FORWARD, FORWARD_THEN_CLOSE, Proxy, forward_then, forward_then_hang
+from tests.support.service import FS_ZAMMAD
 from tests.test_e2e import FIXTURES, a_leg
-from tests.test_voicemail import RECORDING, S17_FILE, S34_FILE
+from tests.test_voicemail import RECORDING, S17_FILE, S34_FILE, TOKEN, with_voicemail_group
 
-TOKEN = "api-tok-e2e-8d1f0aa7"
 MESSAGES = {"S17": S17_FILE, "S34": S34_FILE}
 MARKERS = {"S17": "vm-194c4357-0bd2-4896-803f-b1301e7de130",
            "S34": "vm-d5a3ee30-7d53-42d6-b868-083bf7023efc"}
@@ -35,10 +36,7 @@ def storage(tmp_path):
 
 @pytest.fixture
 def rest(zammad):
-    zammad.rest.groups["Voicemail"] = 2
-    zammad.rest.add_agent("fs-zammad@example.com", token=TOKEN,
-                          groups={"Users": "full", "Voicemail": "create"})
-    return zammad.rest
+    return with_voicemail_group(zammad)
 
 
 def vm_env(storage, **env):
@@ -200,3 +198,51 @@ def test_killed_mid_job_then_restarted_gives_one_ticket(start_service, fake_fs, 
     again.wait_for_log(delivered("S17"))
     assert_one_ticket_each(rest, ("S17",), customer["id"])
     assert "exists already" in again.log
+
+
+def test_a_refused_ticket_is_set_aside_without_holding_the_call(start_service, fake_fs, zammad,
+                                                               storage):
+    """The token's user may not create tickets in the group: the job is set aside with
+    Zammad's words, the call's hangup still goes out; after the fix, 'outbox retry'
+    makes the ticket."""
+    zammad.rest.groups["Voicemail"] = 2
+    bridge = zammad.rest.add_agent("fs-zammad@example.com", token=TOKEN,
+                                   groups={"Users": "full", "Voicemail": "read"})
+    service = start_service(**vm_env(storage))
+    replay(fake_fs, "S17", "S34")
+    assert_caller_log_as_without_tickets(zammad)
+    service.wait_for_log(r"voicemail for call .* not delivered \(HTTP 403: Not authorized\)")
+    listing = subprocess.run([FS_ZAMMAD, "outbox", "list"], env=service.env,
+                             capture_output=True, text=True, timeout=30).stdout
+    set_aside = [line for line in listing.splitlines() if "\tvoicemail\t" in line]
+    assert len(set_aside) == 2 and all("failed" in line and "Not authorized" in line
+                                       for line in set_aside), listing
+    assert "\thangup\t" not in listing and zammad.rest.tickets == {}
+    bridge["group_access"]["Voicemail"] = "create"
+    subprocess.run([FS_ZAMMAD, "outbox", "retry"], env=service.env, check=True,
+                   capture_output=True, timeout=30)
+    wait_for_tickets(zammad, zammad.rest, ("S17", "S34"))
+    assert len(zammad.rest.tickets) == 2
+    assert_caller_log_as_without_tickets(zammad)   # nothing sent twice
+
+
+def test_rest_api_failing_alone_delays_only_the_ticket(start_service, fake_fs, zammad, rest,
+                                                       storage):
+    """Zammad's REST API answers 502 (a proxy route) while its CTI endpoint works: the
+    caller log gets every event at once; the ticket follows once the API answers."""
+    failing = [True]
+
+    def proxy_says(request):
+        return forward_then(502, "<html>502 Bad Gateway</html>") if failing[0] else FORWARD
+
+    customer = rest.add_user(firstname="Emma", phone="+493023125741")
+    with Proxy(zammad.port, proxy_says) as proxy:
+        service = start_service(**vm_env(storage, ZAMMAD_API_URL=f"http://127.0.0.1:{proxy.port}"))
+        replay(fake_fs, "S17", "S34")
+        assert_caller_log_as_without_tickets(zammad)
+        proxy.wait_for(lambda: len(proxy.requests) >= 2)
+        assert rest.tickets == {}
+        failing[0] = False
+        wait_for_tickets(zammad, rest, ("S17", "S34"), timeout=30)
+    assert_one_ticket_each(rest, ("S17", "S34"), customer["id"])
+    assert "Traceback" not in service.log
