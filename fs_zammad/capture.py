@@ -19,8 +19,9 @@ import time
 import gevent
 from gevent.event import Event
 
-from fs_zammad.calls import TRACKED_EVENTS, CallTracker
+from fs_zammad.calls import CallTracker
 from fs_zammad.esl import EslError, EslSupervisor
+from fs_zammad.voicemail import events_read
 
 FRAME_HEAD = b"Content-Length: %d\nContent-Type: text/event-plain\n\n"
 
@@ -64,7 +65,8 @@ def capture(settings, path: str, seconds: float | None, call_id: str | None,
 
         supervisor = EslSupervisor(
             settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
-            settings.freeswitch_timeout, events=("ALL",) if everything else TRACKED_EVENTS,
+            settings.freeswitch_timeout,
+            events=("ALL",) if everything else events_read(bool(settings.voicemail))[0],
             on_frame=write)
         try:
             conn = supervisor.connect()

@@ -22,8 +22,6 @@ from gevent.event import Event
 from fs_zammad import metrics, voicemail
 from fs_zammad.calls import (
     HEADER_PREFIXES_READ,
-    HEADERS_READ,
-    TRACKED_EVENTS,
     Call,
     CallTracker,
     TrackerRules,
@@ -101,8 +99,7 @@ class Service:
                            jobs=self._ticket_jobs(name))
             for name, client in clients.items()}
         # Voicemail tickets: also mod_voicemail's events, and their VM-* headers.
-        events, headers = (TRACKED_EVENTS, HEADERS_READ) if not settings.voicemail else (
-            (*TRACKED_EVENTS, voicemail.SUBSCRIPTION), HEADERS_READ | voicemail.HEADERS_READ)
+        events, headers = voicemail.events_read(bool(settings.voicemail))
         self.esl = EslSupervisor(
             settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
             settings.freeswitch_timeout, settings.freeswitch_liveness,

@@ -16,7 +16,8 @@ import re
 from pathlib import PurePosixPath
 from typing import Mapping, Sequence
 
-from fs_zammad.calls import Call, TrackerRules, ZammadEvent
+from fs_zammad.calls import HEADERS_READ as TRACKER_HEADERS
+from fs_zammad.calls import TRACKED_EVENTS, Call, TrackerRules, ZammadEvent
 from fs_zammad.numbers import clean_fields, to_e164
 
 #: The outbox event name of a ticket job.
@@ -28,6 +29,15 @@ SUBCLASS = "vm::maintenance"
 #: The headers read here (added to what the service parses of an event).
 HEADERS_READ = frozenset("""Event-Subclass VM-Action VM-UUID VM-File-Path VM-Caller-ID-Number
     VM-Caller-ID-Name VM-Message-Len VM-Timestamp VM-User VM-Domain""".split())
+
+
+def events_read(tickets: bool) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(the events to subscribe, the headers to parse): the tracker's, plus
+    mod_voicemail's when voicemail tickets are on."""
+    if not tickets:
+        return TRACKED_EVENTS, TRACKER_HEADERS
+    return (*TRACKED_EVENTS, SUBSCRIPTION), TRACKER_HEADERS | HEADERS_READ
+
 
 _MESSAGE_FILE = re.compile(r"^msg_([0-9A-Za-z-]{8,64})\.[0-9A-Za-z]+$")
 

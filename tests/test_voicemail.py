@@ -503,3 +503,51 @@ def test_the_recording_is_sent_as_strict_base64(zammad, rest):
     import json
     sent = json.loads(request.raw_body)["article"]["attachments"][0]["data"]
     assert base64.b64decode(sent, validate=True) == RECORDING.read_bytes()
+
+
+# -- the job in the outbox: behind its call's newCall, in front of nobody ---------------------
+
+
+def _events(call_id="c-1"):
+    from fs_zammad.calls import ZammadEvent
+
+    def event(name, **extra):
+        return ZammadEvent(call_id, (("event", name), ("callId", call_id), *extra.items()))
+    return event
+
+
+def test_the_job_waits_for_newcall_and_holds_nobody(tmp_path):
+    from fs_zammad.outbox import Outbox
+    event = _events()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.record([event("newCall"), event("answer"), event("voicemail", marker="vm-1"),
+                   event("hangup", cause="voicemail")])
+    sent = []
+    for _ in range(2):   # newCall, then answer: one at a time, in order
+        [row] = outbox.ready(10)
+        sent.append(row.event)
+        outbox.delivered(row.id)
+    # the job and the hangup may both go now: the hangup does not wait for the ticket
+    assert sent == ["newCall", "answer"]
+    assert [r.event for r in outbox.ready(10)] == ["voicemail", "hangup"]
+    job = outbox.ready(10)[0]
+    outbox.fail(job, "HTTP 403: Not authorized")   # the ticket refused: only it is set aside
+    assert [r.event for r in outbox.ready(10)] == ["hangup"]
+    outbox.record([event("late", x="1")])          # a later event of the call is not held
+    assert [r.event for r in outbox.ready(10)] == ["hangup", "late"]
+    assert [(r[3], r[4]) for r in outbox.failed_rows()] == [("voicemail", "failed")]
+    assert outbox.retry_failed() == 1 and outbox.ready(10)[0].event == "voicemail"
+    outbox.close()
+
+
+def test_a_job_is_held_when_its_newcall_is_set_aside(tmp_path):
+    from fs_zammad.outbox import Outbox
+    event = _events()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.record([event("newCall"), event("voicemail", marker="vm-1")])
+    [row] = outbox.ready(10)
+    outbox.fail(row, "HTTP 401: token")
+    assert outbox.ready(10) == []
+    assert [(r[3], r[4]) for r in outbox.failed_rows()] == [("newCall", "failed"),
+                                                             ("voicemail", "failed")]
+    outbox.close()
