@@ -44,9 +44,10 @@ from fs_zammad.zammad_api import (
 
 log = logging.getLogger("fs_zammad.tickets")
 
-#: A recording bigger than this is not read into memory (a voicemail is a few
-#: MB; Zammad's nginx takes 50 MB of request, about 37 MB of audio in base64).
-RECORDING_MAX = 64 * 1024 * 1024
+#: A recording bigger than this is not read into memory: Zammad's nginx takes
+#: 50 MB per request by default, 36 MB of audio once in base64 (a five-minute
+#: message, mod_voicemail's default limit, is about 5 MB as 8 kHz WAV).
+RECORDING_MAX = 36 * 1024 * 1024
 #: Zammad's ticket title column.
 TITLE_MAX = 250
 AUDIO_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
