@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from fs_zammad.voicemail import JOB
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -60,6 +62,11 @@ CREATE TABLE IF NOT EXISTS calls (
 """
 
 HELD = "held: an earlier event of this call failed"
+#: A ticket job (voicemail.py) waits behind its call's earlier events (the
+#: customer comes from the caller-log line its newCall made) but holds none
+#: back: the call's hangup does not wait for a ticket, and a refused ticket
+#: sets only itself aside.
+SIDE_JOB = JOB
 WAL_RESET_FRAMES = 10_000  # ~40 MB of WAL
 CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
 #: Events kept in memory while the outbox cannot be written (disk full); beyond
@@ -401,7 +408,7 @@ class Outbox:
             added = 0
             for event in admitted:
                 held = db.execute("SELECT 1 FROM outbox WHERE call_id=? AND state='failed' "
-                                  "LIMIT 1", (event.call_id,)).fetchone()
+                                  "AND event!=? LIMIT 1", (event.call_id, SIDE_JOB)).fetchone()
                 db.execute(
                     "INSERT INTO outbox (call_id, instance, event, fields, created, state, "
                     "last_error, once) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -459,18 +466,21 @@ class Outbox:
                         leaves_pending=True, settles=row.id)
 
     def fail(self, row: Row, error: str) -> None:
-        """Move a row aside for good, with the rest of its call behind it."""
+        """Move a row aside for good, with the rest of its call behind it (a
+        ticket job: alone)."""
+        alone = row.event == SIDE_JOB
+
         def write(db: sqlite3.Connection) -> int:
             failed = db.execute("UPDATE outbox SET state='failed', attempts=attempts+1, "
                                 "last_error=? WHERE id=? AND state='pending'",
                                 (error, row.id)).rowcount
-            held = db.execute("UPDATE outbox SET state='failed', last_error=? "
-                              "WHERE call_id=? AND state='pending' AND id>?",
-                              (HELD, row.call_id, row.id)).rowcount
+            held = 0 if alone else db.execute("UPDATE outbox SET state='failed', last_error=? "
+                                              "WHERE call_id=? AND state='pending' AND id>?",
+                                              (HELD, row.call_id, row.id)).rowcount
             return -(failed + held)
 
         self._write(write, settles=row.id, transaction=True)
-        if self._held:  # the rest of the call waits too
+        if self._held and not alone:  # the rest of the call waits too
             self._settled.update(r[0] for r in self.db.execute(
                 "SELECT id FROM outbox WHERE call_id=? AND state='pending' AND id>?",
                 (row.call_id, row.id)))
@@ -479,7 +489,8 @@ class Outbox:
 
     def ready(self, limit: int, skip_ids: Iterable[int] = (), now: float | None = None,
               instance: str = "") -> list[Row]:
-        """Oldest events that may be sent now: the first pending event of each call.
+        """Oldest events that may be sent now: the first pending event of each call
+        (a ticket job does not count as one: it holds nobody back).
 
         While writes wait in memory, no hangup a second copy would harm goes
         out: its ``sending`` mark could not be stored, and a crash would then
@@ -495,8 +506,9 @@ class Outbox:
             "WHERE instance=? AND state='pending' AND sending=0 AND next_at<=? "
             "AND (? OR once=0) AND NOT EXISTS ("
             "  SELECT 1 FROM outbox AS p WHERE p.call_id=o.call_id AND p.id<o.id"
-            "  AND p.state='pending') "
-            "ORDER BY id LIMIT ?", (instance, now, not self._held, limit + len(skip))).fetchall()
+            "  AND p.state='pending' AND p.event!=?) "
+            "ORDER BY id LIMIT ?", (instance, now, not self._held, SIDE_JOB,
+                                    limit + len(skip))).fetchall()
         return [Row(r[0], r[1], r[2], tuple(tuple(p) for p in json.loads(r[3])), r[4], r[5],
                     bool(r[6]))
                 for r in rows if r[0] not in skip][:limit]
@@ -693,7 +705,7 @@ def _sound_row(row: tuple) -> bool:
     values = dict(zip(COLUMNS, row))
     try:
         pairs = json.loads(values["fields"])
-        return (values["event"] in ("newCall", "answer", "hangup") and
+        return (values["event"] in ("newCall", "answer", "hangup", JOB) and
                 values["state"] in ("pending", "failed", "unsure") and
                 isinstance(values["call_id"], str) and "\0" not in values["call_id"] and
                 isinstance(values["created"], float) and

@@ -3,6 +3,7 @@ job runner (tickets.py) against the Zammad stand-in's REST rules, settings and
 ``fs-zammad check``. End to end with the real process: tests/test_voicemail_e2e.py."""
 
 import base64
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -534,7 +535,9 @@ def test_the_job_waits_for_newcall_and_holds_nobody(tmp_path):
     outbox.fail(job, "HTTP 403: Not authorized")   # the ticket refused: only it is set aside
     assert [r.event for r in outbox.ready(10)] == ["hangup"]
     outbox.record([event("late", x="1")])          # a later event of the call is not held
-    assert [r.event for r in outbox.ready(10)] == ["hangup", "late"]
+    hangup = outbox.ready(10)[0]
+    outbox.delivered(hangup.id)
+    assert [r.event for r in outbox.ready(10)] == ["late"]
     assert [(r[3], r[4]) for r in outbox.failed_rows()] == [("voicemail", "failed")]
     assert outbox.retry_failed() == 1 and outbox.ready(10)[0].event == "voicemail"
     outbox.close()
@@ -551,3 +554,16 @@ def test_a_job_is_held_when_its_newcall_is_set_aside(tmp_path):
     assert [(r[3], r[4]) for r in outbox.failed_rows()] == [("newCall", "failed"),
                                                              ("voicemail", "failed")]
     outbox.close()
+
+
+def test_a_damaged_outbox_carries_its_ticket_jobs_over(tmp_path):
+    from fs_zammad.outbox import COLUMNS, Outbox, salvage
+    event = _events()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.record([event("newCall"), event("voicemail", marker="vm-1", file="/v/msg_1.wav")])
+    outbox.close()
+    rows, _calls, _ = salvage(tmp_path / "outbox.sqlite3")
+    carried = [dict(zip(COLUMNS, row)) for row in rows]
+    assert [(r["event"], r["state"]) for r in carried] == [("newCall", "pending"),
+                                                           ("voicemail", "pending")]
+    assert ["marker", "vm-1"] in json.loads(carried[1]["fields"])

@@ -215,7 +215,8 @@ def test_a_refused_ticket_is_set_aside_without_holding_the_call(start_service, f
     listing = subprocess.run([FS_ZAMMAD, "outbox", "list"], env=service.env,
                              capture_output=True, text=True, timeout=30).stdout
     set_aside = [line for line in listing.splitlines() if "\tvoicemail\t" in line]
-    assert len(set_aside) == 2 and all("failed" in line and "Not authorized" in line
+    assert "0 pending, 2 set aside" in listing, listing
+    assert len(set_aside) == 2 and all("HTTP 403: Not authorized" in line
                                        for line in set_aside), listing
     assert "\thangup\t" not in listing and zammad.rest.tickets == {}
     bridge["group_access"]["Voicemail"] = "create"
