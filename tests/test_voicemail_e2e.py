@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.proxy import FORWARD, FORWARD_THEN_CLOSE, Proxy, forward_then, forward_then_hang
 from tests.support.service import FS_ZAMMAD
+from tests.support.zammad_standin import ZammadStandIn
 from tests.test_e2e import FIXTURES, a_leg
 from tests.test_voicemail import RECORDING, S17_FILE, S34_FILE, TOKEN, with_voicemail_group
 
@@ -247,3 +248,25 @@ def test_rest_api_failing_alone_delays_only_the_ticket(start_service, fake_fs, z
         wait_for_tickets(zammad, rest, ("S17", "S34"), timeout=30)
     assert_one_ticket_each(rest, ("S17", "S34"), customer["id"])
     assert "Traceback" not in service.log
+
+
+def test_each_tenant_gets_its_own_tickets(start_service, fake_fs, zammad, rest, storage):
+    """Two Zammad systems: S17's number is routed to acme, whose settings are its own
+    (VOICEMAIL_GROUP_ACME, ZAMMAD_API_TOKEN_ACME); S34 goes to the default one."""
+    with ZammadStandIn(token="acme-cti-tok-77") as acme:
+        acme.rest.groups["Acme Voicemail"] = 5
+        acme.rest.add_agent("fs-zammad@acme.example", token="acme-api-tok-78",
+                            groups={"Acme Voicemail": "full"})
+        service = start_service(**vm_env(storage, ZAMMAD_INSTANCES="acme",
+                                         ZAMMAD_CTI_URL_ACME=acme.url,
+                                         ZAMMAD_API_TOKEN_ACME="acme-api-tok-78",
+                                         VOICEMAIL_GROUP_ACME="Acme Voicemail",
+                                         ZAMMAD_ROUTES="did:492214710341=acme"))
+        replay(fake_fs, "S17", "S34")
+        wait_for_tickets(acme, acme.rest, ("S17",))
+        wait_for_tickets(zammad, rest, ("S34",))
+        [acme_ticket] = acme.rest.tickets.values()
+        assert acme_ticket["group_id"] == 5 and MARKERS["S17"] in acme_ticket["title"]
+        assert [MARKERS["S34"] in t["title"] for t in rest.tickets.values()] == [True]
+        assert acme_ticket["article"]["attachments"][0]["data"] == RECORDING.read_bytes()
+        service.assert_no_secrets("acme-api-tok-78", acme.token, TOKEN)
