@@ -567,3 +567,15 @@ def test_a_damaged_outbox_carries_its_ticket_jobs_over(tmp_path):
     assert [(r["event"], r["state"]) for r in carried] == [("newCall", "pending"),
                                                            ("voicemail", "pending")]
     assert ["marker", "vm-1"] in json.loads(carried[1]["fields"])
+
+
+@pytest.mark.parametrize("events,words", [
+    (("CHANNEL_CREATE",), "CHANNEL_CREATE HEARTBEAT"),
+    # every word after CUSTOM is a subclass to FreeSWITCH: HEARTBEAT must come before it
+    (("CHANNEL_CREATE", "CUSTOM vm::maintenance"), "CHANNEL_CREATE HEARTBEAT CUSTOM vm::maintenance"),
+    (("ALL",), "ALL HEARTBEAT"),
+    (("A", "HEARTBEAT", "CUSTOM x::y", "CUSTOM z::w"), "A HEARTBEAT CUSTOM x::y z::w"),
+])
+def test_subscription_puts_custom_subclasses_last(events, words):
+    from fs_zammad.esl import subscription
+    assert subscription(events) == words
