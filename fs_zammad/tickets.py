@@ -190,8 +190,6 @@ class TicketJobs:
             return f"ticket {existing.get('number', existing.get('id'))} exists already"
         customer = self._customer(job)
         recording = self.read(job["file"])
-        if recording.problem:
-            self._missing(job, recording)
         try:
             ticket = self._create(job, customer, recording)
         except ApiError as exc:
@@ -201,8 +199,11 @@ class TicketJobs:
             recording = Recording(None, f"({len(recording.attachment.data)} bytes) is too big "
                                         f"for Zammad (HTTP 413: raise client_max_body_size "
                                         f"in its nginx)")
-            self._missing(job, recording)
             ticket = self._create(job, customer, recording)
+        if recording.problem:  # once, when the ticket that says so exists
+            log.warning("voicemail of call %s: recording %s %s; ticket %s says so",
+                        job["callId"], job.get("file", ""), recording.problem,
+                        ticket.get("number", ticket.get("id")))
         return f"ticket {ticket.get('number', ticket.get('id'))} created" + (
             "" if recording.attachment else " without the recording")
 
@@ -226,11 +227,6 @@ class TicketJobs:
             name = " ".join(filter(None, (user.get("firstname"), user.get("lastname"))))
             return Customer(user["id"], name=name)
         return Customer(login=self.fallback_customer)
-
-    @staticmethod
-    def _missing(job: Mapping[str, str], recording: Recording) -> None:
-        log.warning("voicemail of call %s: recording %s %s; the ticket says so", job["callId"],
-                    job.get("file", ""), recording.problem)
 
 
 def check_tickets(api: ZammadApi, group: str, label: str) -> list[tuple[bool, str]]:
