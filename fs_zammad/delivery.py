@@ -40,8 +40,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from fs_zammad import zammad
-from fs_zammad.outbox import Outbox, OutboxUnwritable, Row
-from fs_zammad.voicemail import JOB
+from fs_zammad.outbox import SIDE_JOB, Outbox, OutboxUnwritable, Row
 
 log = logging.getLogger("fs_zammad.delivery")
 
@@ -196,7 +195,7 @@ class Delivery:
 
     def _perform(self, row: Row) -> zammad.Outcome:
         """A CTI event is POSTed; a ticket job is run over Zammad's REST API."""
-        if row.event != JOB:
+        if row.event != SIDE_JOB:
             return self.client.post(row.fields)
         if self.jobs is None:
             return zammad.Outcome(zammad.FAILED, 0, "VOICEMAIL_TICKETS is off for this Zammad",

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from fs_zammad.voicemail import JOB
-
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -66,7 +64,7 @@ HELD = "held: an earlier event of this call failed"
 #: customer comes from the caller-log line its newCall made) but holds none
 #: back: the call's hangup does not wait for a ticket, and a refused ticket
 #: sets only itself aside.
-SIDE_JOB = JOB
+SIDE_JOB = "voicemail"
 WAL_RESET_FRAMES = 10_000  # ~40 MB of WAL
 CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
 #: Events kept in memory while the outbox cannot be written (disk full); beyond
@@ -705,7 +703,7 @@ def _sound_row(row: tuple) -> bool:
     values = dict(zip(COLUMNS, row))
     try:
         pairs = json.loads(values["fields"])
-        return (values["event"] in ("newCall", "answer", "hangup", JOB) and
+        return (values["event"] in ("newCall", "answer", "hangup", SIDE_JOB) and
                 values["state"] in ("pending", "failed", "unsure") and
                 isinstance(values["call_id"], str) and "\0" not in values["call_id"] and
                 isinstance(values["created"], float) and

@@ -19,9 +19,8 @@ from typing import Mapping, Sequence
 from fs_zammad.calls import HEADERS_READ as TRACKER_HEADERS
 from fs_zammad.calls import TRACKED_EVENTS, Call, TrackerRules, ZammadEvent
 from fs_zammad.numbers import clean_fields, to_e164
+from fs_zammad.outbox import SIDE_JOB as JOB  # the outbox event name of a ticket job
 
-#: The outbox event name of a ticket job.
-JOB = "voicemail"
 #: The subscription (after every plain event name: FreeSWITCH reads the words
 #: after CUSTOM as subclass names).
 SUBSCRIPTION = "CUSTOM vm::maintenance"

@@ -187,3 +187,30 @@ def test_reject_action_is_returned_and_error_texts_are_one_line():
     assert outcome.action == {"action": "reject", "reason": "busy"}
     assert error_text("<html><title>502 Bad\n Gateway</title></html>") == "502 Bad Gateway"
     assert error_text('{"error":"Invalid token"}') == "Invalid token"
+
+
+def test_the_house_is_one_way():
+    """socket -> tracker -> outbox -> delivery -> HTTP: the later rooms never import the
+    earlier ones (delivery reads the outbox it sends from; service.py and the CLI wire)."""
+    import ast
+
+    earlier = {
+        "outbox": {"wire", "esl", "calls", "voicemail", "capture"},
+        "delivery": {"wire", "esl", "calls", "voicemail", "capture"},
+        "tickets": {"wire", "esl", "calls", "voicemail", "capture", "outbox"},
+        "zammad": {"wire", "esl", "calls", "voicemail", "capture", "outbox", "delivery"},
+        "zammad_api": {"wire", "esl", "calls", "voicemail", "capture", "outbox", "delivery"},
+        "calls": {"esl", "outbox", "delivery", "zammad", "zammad_api", "tickets", "service"},
+        "wire": {"esl", "calls", "outbox", "delivery", "zammad", "service"},
+    }
+    package = ROOT / "fs_zammad"
+    for module, forbidden in earlier.items():
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "fs_zammad":
+                    imported |= {alias.name for alias in node.names}
+                elif node.module.startswith("fs_zammad."):
+                    imported.add(node.module.split(".")[1])
+        assert not imported & forbidden, f"{module}.py imports {imported & forbidden}"
