@@ -15,7 +15,7 @@ One service per outbox: :class:`ServiceLock`. A write that fails (disk
 full) never loses what the service already knows: it waits in memory (up to
 ``HELD_MAX`` events) and is written once the disk takes it again. A file
 SQLite cannot read is moved aside at start and what can still be read of it
-is carried into a fresh outbox (:func:`open_outbox`).
+is carried into a fresh outbox (salvage.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -577,55 +575,6 @@ def _fields(text: str) -> list:
         return []
 
 
-# -- a damaged file ----------------------------------------------------------
-
-
-def open_outbox(path: str | Path, max_events: int = 200_000,
-                background_checkpoint: bool = False) -> Outbox:
-    """The service's outbox. A file SQLite cannot read, or one that fails its
-    integrity check, is moved aside (``<name>.damaged-<UTC time>``, with its
-    -wal and -shm) and every row that can still be read goes into a fresh
-    outbox, so that a damaged file never stops delivery for good."""
-    path = Path(path)
-    problem = None
-    if path.exists() and not path.is_file():
-        problem = "not a file"
-    else:
-        try:
-            outbox = Outbox(path, max_events, background_checkpoint)
-        except sqlite3.DatabaseError as exc:
-            if not is_damage(exc):
-                raise
-            problem = str(exc)
-        else:
-            try:
-                problem = outbox.integrity_problem()
-            except sqlite3.DatabaseError as exc:
-                if not is_damage(exc):
-                    outbox.close()
-                    raise
-                problem = str(exc)
-            if problem is None:
-                return outbox
-            outbox.close()
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.lexists(f"{path}{suffix}"):
-            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
-    rows, calls, lost = salvage(aside)
-    outbox = Outbox(path, max_events, background_checkpoint)
-    outbox.adopt(rows, calls)
-    if lost is None:
-        unread = "how many more it held could not be read"
-    else:
-        unread = f"{lost} events could not be read" if lost else "every event was read"
-    log.error("the outbox %s was damaged (%s): moved aside as %s; %d events and %d calls in "
-              "progress carried into a fresh outbox, %s (calls cut short are settled by the "
-              "resync with FreeSWITCH); keep the damaged file for a post-mortem or delete it",
-              path, problem, aside.name, len(rows), len(calls), unread)
-    return outbox
-
-
 def is_damage(exc: BaseException) -> bool:
     """Damage to the file, as opposed to a full disk, a lock or a permission."""
     if not isinstance(exc, sqlite3.DatabaseError):
@@ -634,130 +583,3 @@ def is_damage(exc: BaseException) -> bool:
     return not isinstance(exc, sqlite3.OperationalError) or any(
         words in text for words in ("malformed", "not a database", "unable to open",
                                     "disk I/O error", "no such table", "no such column"))
-
-
-def salvage(path: Path) -> tuple[list[tuple], list[tuple], int | None]:
-    """(outbox rows as COLUMNS, calls rows, events lost or None if unknown) of a damaged
-    file. Read from a copy, so that the file moved aside stays as it was found (and a
-    truncated one can be padded); with no room for a copy, from the file, read-only."""
-    if not path.is_file():
-        return [], [], None
-    try:
-        with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
-            copy = Path(tmp) / "outbox.sqlite3"
-            shutil.copyfile(path, copy)
-            if os.path.isfile(f"{path}-wal"):
-                shutil.copyfile(f"{path}-wal", f"{copy}-wal")
-            _pad_truncated(copy)
-            return _salvage_file(str(copy))
-    except OSError as exc:
-        log.warning("no room to copy the damaged outbox (%s); reading it in place", exc)
-        return _salvage_file(path.resolve().as_uri() + "?mode=ro")
-
-
-def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], int | None]:
-    try:
-        db = sqlite3.connect(name, isolation_level=None, uri=name.startswith("file:"))
-        present = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
-    except sqlite3.Error:
-        return [], [], None
-    try:
-        return _salvage_rows(db, present)
-    finally:
-        db.close()
-
-
-def _pad_truncated(path: Path) -> None:
-    """A cut-off file: SQLite reads nothing of it, not even its schema, unless it
-    is as long as its header says; zeros stand in for the missing pages."""
-    with open(path, "r+b") as handle:
-        header = handle.read(100)
-        if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
-            return
-        page_size = int.from_bytes(header[16:18], "big")
-        page_size = 65536 if page_size == 1 else page_size
-        declared = int.from_bytes(header[28:32], "big") * page_size
-        if 0 < declared <= 1 << 34 and os.path.getsize(path) < declared:
-            handle.truncate(declared)
-
-
-def _salvage_rows(db: sqlite3.Connection, present: list[str]
-                  ) -> tuple[list[tuple], list[tuple], int | None]:
-    if "id" not in present:
-        return [], [], None
-    wanted = [c if c in present else f"{int(c == 'once')} AS {c}" for c in COLUMNS]
-    read, unreadable = _readable(db, "outbox", ", ".join(wanted))
-    rows = [row[1:] for row in read if _sound_row(row[1:])]
-    calls = [row[1:] for row in _readable(db, "calls", "call_id, state")[0]
-             if _sound_call(row[1:])]
-    try:  # the index usually survives a damaged table page: it knows how many there were
-        total = db.execute("SELECT count(*) FROM outbox INDEXED BY outbox_by_call").fetchone()[0]
-        lost = max(0, total - len(rows))
-    except sqlite3.Error:
-        lost = None if unreadable is None else unreadable + len(read) - len(rows)
-    return rows, calls, lost
-
-
-def _sound_row(row: tuple) -> bool:
-    """A row read from a damaged page may be half zeros: carry only whole ones."""
-    values = dict(zip(COLUMNS, row))
-    try:
-        pairs = json.loads(values["fields"])
-        return (values["event"] in ("newCall", "answer", "hangup", SIDE_JOB) and
-                values["state"] in ("pending", "failed", "unsure") and
-                isinstance(values["call_id"], str) and "\0" not in values["call_id"] and
-                isinstance(values["created"], float) and
-                all(isinstance(k, str) and isinstance(v, str) for k, v in pairs))
-    except (ValueError, TypeError):
-        return False
-
-
-def _sound_call(row: tuple) -> bool:
-    try:
-        return isinstance(row[0], str) and isinstance(json.loads(row[1]), dict)
-    except (ValueError, TypeError):
-        return False
-
-
-def _readable(db: sqlite3.Connection, table: str, columns: str
-              ) -> tuple[list[tuple], int | None]:
-    """Every row of ``table`` SQLite can still read, in rowid order, stepping over
-    damaged pages one rowid at a time; also how many rowids could not be read
-    (None: unknown, the table's end was unreadable)."""
-    try:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                          (table,)).fetchone():
-            return [], 0
-    except sqlite3.Error:
-        return [], 0
-    try:
-        top = db.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0] or 0
-    except sqlite3.Error:
-        top = None
-    rows: list[tuple] = []
-    unreadable, last = 0, 0
-    scan = f"SELECT rowid, {columns} FROM {table} WHERE rowid>? ORDER BY rowid"
-    while True:
-        try:
-            for row in db.execute(scan, (last,)):
-                if row[0] > last:  # a damaged page can point backwards
-                    rows.append(row)
-                    last = row[0]
-            return rows, unreadable
-        except sqlite3.Error:
-            pass
-        # The scan hit a damaged page after ``last``: find the next readable rowid.
-        bound = top if top is not None else last + 10_000
-        while True:
-            last += 1
-            if last > bound:  # past the end; if the end is unknown, so is what was lost
-                return rows, unreadable if top is not None else None
-            try:
-                found = db.execute(f"SELECT rowid, {columns} FROM {table} WHERE rowid=?",
-                                   (last,)).fetchone()
-            except sqlite3.Error:
-                unreadable += 1
-                continue
-            if found:
-                rows.append(found)
-            break

@@ -32,7 +32,8 @@ from fs_zammad.config import Settings, url_variable
 from fs_zammad.delivery import Delivery
 from fs_zammad.esl import EslError, EslSupervisor
 from fs_zammad.notify import Notifier
-from fs_zammad.outbox import Outbox, ServiceLock, is_damage, open_outbox
+from fs_zammad.outbox import Outbox, ServiceLock, is_damage
+from fs_zammad.salvage import open_outbox
 from fs_zammad.tickets import TicketJobs
 from fs_zammad.wire import HeaderFilter
 from fs_zammad.zammad import DryRunClient, ZammadClient

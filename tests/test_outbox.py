@@ -153,7 +153,8 @@ import sqlite3  # noqa: E402
 import pytest  # noqa: E402
 
 from fs_zammad import outbox as outbox_module  # noqa: E402
-from fs_zammad.outbox import OutboxInUse, ServiceLock, open_outbox  # noqa: E402
+from fs_zammad.outbox import OutboxInUse, ServiceLock  # noqa: E402
+from fs_zammad.salvage import open_outbox  # noqa: E402
 
 
 class FullDisk:

@@ -557,7 +557,8 @@ def test_a_job_is_held_when_its_newcall_is_set_aside(tmp_path):
 
 
 def test_a_damaged_outbox_carries_its_ticket_jobs_over(tmp_path):
-    from fs_zammad.outbox import COLUMNS, Outbox, salvage
+    from fs_zammad.outbox import COLUMNS, Outbox
+    from fs_zammad.salvage import salvage
     event = _events()
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     outbox.record([event("newCall"), event("voicemail", marker="vm-1", file="/v/msg_1.wav")])
