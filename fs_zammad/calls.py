@@ -195,6 +195,28 @@ class Call:
         return cls(**{k: v for k, v in data.items() if k in call_fields})
 
 
+@dataclass(frozen=True)
+class FinishedCall:
+    """The legs of a finished call, saved in its row of the outbox's ``calls``
+    table while they are remembered (FINISHED_MEMORY): a restart still drops
+    the call's late events and the B-legs a resync lists."""
+
+    call_id: str
+    legs: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"call_id": self.call_id, "finished": self.legs},
+                          separators=(",", ":"))
+
+
+def saved_state(text: str) -> Call | FinishedCall:
+    """A row of the outbox's ``calls`` table: a call in progress or a finished one."""
+    data = json.loads(text)
+    if isinstance(data, dict) and "finished" in data:
+        return FinishedCall(str(data["call_id"]), tuple(str(uuid) for uuid in data["finished"]))
+    return Call.from_json(text)
+
+
 def _h(headers: Headers, *names: str) -> str:
     for name in names:
         value = headers.get(name, "")
@@ -215,17 +237,26 @@ class CallTracker:
     exactly those.
     """
 
-    def __init__(self, rules: TrackerRules | None = None, calls: Iterable[Call] = ()):
+    def __init__(self, rules: TrackerRules | None = None,
+                 calls: Iterable[Call | FinishedCall] = ()):
         self.rules = rules or TrackerRules()
         self.calls: dict[str, Call] = {}
         self._leg_call: dict[str, str] = {}
-        # Legs of calls already finished: a late event for one of them must
-        # not start a second Zammad call with the same id.
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        # Legs of calls already finished (leg -> its call's id), oldest first:
+        # a late event for one of them must not start a second Zammad call.
+        self._finished: OrderedDict[str, str] = OrderedDict()
+        self._finished_legs: dict[str, list[str]] = {}  # call_id -> its legs in _finished
         self.dirty: set[str] = set()
         self._cleaned_logged: set[tuple[str, str]] = set()  # (field, problem) already logged
-        for call in calls:
-            self._adopt(call)
+        for saved in calls:
+            if isinstance(saved, FinishedCall):
+                for uuid in saved.legs:
+                    self._remember_finished(uuid, saved.call_id)
+            else:
+                self._adopt(saved)
+        # What was loaded is on disk already; only rows of legs forgotten while
+        # loading (a smaller FINISHED_MEMORY) are to be deleted.
+        self.dirty = {call_id for call_id in self.dirty if call_id not in self._finished_legs}
 
     # -- public ---------------------------------------------------------
 
@@ -236,10 +267,16 @@ class CallTracker:
             return []
         call = self._call_of(uuid)
         if call is None:
-            if uuid in self._finished or self._parent_finished(headers):
-                self._remember_finished(uuid)
+            parent, finished_call = self._parent(headers)
+            finished_call = self._finished.get(uuid) or finished_call
+            if finished_call:
+                self._remember_finished(uuid, finished_call)
                 return []
-            call = self._new_leg(headers, now)
+            call = self._new_leg(headers, now, parent)
+        elif uuid == call.call_id and not call.root_seen:
+            call = self._placeholder_root(call, headers, now)
+            if call is None:
+                return []
         leg = call.legs[uuid]
         is_root = uuid == call.call_id
         if is_root and not call.root_seen:
@@ -308,16 +345,23 @@ class CallTracker:
         return events
 
     def dirty_rows(self) -> tuple[list[tuple[str, str]], list[str]]:
-        """The changed calls to save: ([(call_id, json)], [ended call_id]).
+        """The changed calls to save: ([(call_id, json)], [forgotten call_id]).
 
+        A live call is saved as its state; a finished one, while its legs
+        are remembered, as a :class:`FinishedCall` in the same row (the
+        write that used to delete it), so that a restart still ignores its
+        late events; the row goes when its legs fall out of FINISHED_MEMORY.
         The caller clears ``dirty`` once they are written."""
         upserts, deletes = [], []
         for call_id in self.dirty:
             call = self.calls.get(call_id)
-            if call is None:
-                deletes.append(call_id)
-            else:
+            if call is not None:
                 upserts.append((call_id, call.to_json()))
+            elif call_id in self._finished_legs:
+                upserts.append((call_id, FinishedCall(
+                    call_id, tuple(self._finished_legs[call_id])).to_json()))
+            else:
+                deletes.append(call_id)
         return upserts, deletes
 
     def leg_ids(self) -> set[str]:
@@ -344,29 +388,42 @@ class CallTracker:
         call_id = self._leg_call.get(uuid)
         return self.calls.get(call_id) if call_id else None
 
-    def _parent_finished(self, h: Headers) -> bool:
-        """A leg of a call already ended (its late or replayed events, or only
-        its hangup): it must not start a Zammad call of its own."""
-        keys = _PARENT_KEYS + (("Other-Leg-Unique-ID",) if h.get("Call-Direction") ==
-                               "outbound" else ())
-        return any(_h(h, key) in self._finished for key in keys if _h(h, key))
+    @staticmethod
+    def _parent_keys(h: Headers) -> tuple[str, ...]:
+        """The headers that may name the leg this one belongs to, most trusted first."""
+        if h.get("Call-Direction") == "outbound":
+            return _PARENT_KEYS + ("Other-Leg-Unique-ID",)
+        return _PARENT_KEYS
+
+    def _parent(self, h: Headers, exclude: Call | None = None) -> tuple[Call | None, str]:
+        """The call this leg belongs to, by the first leg it names that we know
+        (a leg that ended while its call goes on counts): (the live call, "")
+        or (None, the id of the finished call: its late or replayed events, or
+        only its hangup, must not start a Zammad call of its own)."""
+        for key in self._parent_keys(h):
+            uuid = _h(h, key)
+            call = self._call_of(uuid)
+            finished_call = "" if call is not None else self._finished.get(uuid, "")
+            if finished_call:
+                call = self._call_of(finished_call)
+            if call is not None:
+                if call is not exclude:
+                    return call, ""
+            elif finished_call:
+                return None, finished_call
+        return None, ""
 
     def _adopt(self, call: Call) -> None:
         self.calls[call.call_id] = call
         for uuid in call.legs:
             self._leg_call[uuid] = call.call_id
 
-    def _new_leg(self, h: Headers, now: float) -> Call:
+    def _new_leg(self, h: Headers, now: float, parent: Call | None) -> Call:
         uuid = h["Unique-ID"]
         outbound = h.get("Call-Direction") == "outbound"
         leg = Leg(uuid=uuid, external=self._is_external_leg(h),
                   loopback=h.get("Channel-Name", "").startswith("loopback/"),
                   agent=_strip_domain(_h(h, "variable_cc_agent")), inbound=not outbound)
-        parent = None
-        for key in _PARENT_KEYS + (("Other-Leg-Unique-ID",) if outbound else ()):
-            parent = self._call_of(_h(h, key))
-            if parent is not None:
-                break
         if outbound:
             leg.party = _h(h, "variable_dialed_user", "Caller-Destination-Number",
                            "Caller-Callee-ID-Number")
@@ -406,23 +463,73 @@ class CallTracker:
             call.direction, call.out_to, call.local_user = "out", call.dialed, ""
             call.company_number = _h(h, "Caller-Caller-ID-Number")
 
+    def _awaited_parent(self, h: Headers) -> str:
+        """The leg a placeholder for this leg waits for ("" if none)."""
+        keys = self._parent_keys(h) if h.get("Call-Direction") == "outbound" \
+            else ("variable_other_loopback_from_uuid",)
+        return next((_h(h, key) for key in keys if _h(h, key)), "")
+
     def _placeholder(self, h: Headers, now: float) -> Call | None:
         """A B-leg whose A-leg has not been seen yet (events can overtake each other).
 
         The inbound half of a loopback started by a call waits for that call
         (``other_loopback_from_uuid``), not for its own outbound half.
         """
-        keys = _PARENT_KEYS + ("Other-Leg-Unique-ID",) if h.get("Call-Direction") == \
-            "outbound" else ("variable_other_loopback_from_uuid",)
-        parent_uuid = next((_h(h, key) for key in keys if _h(h, key)), "")
+        parent_uuid = self._awaited_parent(h)
         if not parent_uuid or parent_uuid in self._finished:
             return None
+        # Bridged from a loopback half: see _owed on a root never seen.
+        loopback = (h.get("Other-Leg-Unique-ID") == parent_uuid
+                    and h.get("Other-Leg-Channel-Name", "").startswith("loopback/"))
         call = Call(call_id=parent_uuid, started=now,
                     root_external=h.get("Caller-Context", "") in self.rules.external_contexts,
                     caller="", dialed="", local_user="", root_seen=False,
-                    legs={parent_uuid: Leg(uuid=parent_uuid)})
+                    legs={parent_uuid: Leg(uuid=parent_uuid, loopback=loopback)})
         self._adopt(call)
         return call
+
+    def _placeholder_root(self, placeholder: Call, h: Headers, now: float) -> Call | None:
+        """The leg a placeholder waited for arrived. Its own event may name
+        another call as its parent (the inbound half of a loopback that call
+        started, e.g. a follow-me to a mobile): then the placeholder's legs
+        are that call's, as if its legs had come after it (when that call is
+        not seen yet either, they all wait in its placeholder). Returns the
+        call the event now belongs to; None if that call has finished (the
+        legs are finished too: nothing is owed)."""
+        parent, finished_call = self._parent(h, exclude=placeholder)
+        if finished_call:
+            self._forget(placeholder)
+            return None
+        if parent is not None:
+            self._merge(placeholder, parent)
+            return parent
+        awaited = self._awaited_parent(h)
+        if awaited and self._call_of(awaited) is None:
+            parent = self._placeholder(h, now)
+            if parent is not None:
+                self._merge(placeholder, parent)
+                return parent
+        # Its own call after all: drop what the ended legs left behind.
+        for ended in [u for u, leg in placeholder.legs.items()
+                      if leg.ended and u != placeholder.call_id]:
+            del placeholder.legs[ended]
+        return placeholder
+
+    def _merge(self, placeholder: Call, into: Call) -> None:
+        """The legs of ``placeholder`` join ``into``; ended ones only leave what they told."""
+        self.calls.pop(placeholder.call_id, None)
+        self.dirty.add(placeholder.call_id)
+        for leg in placeholder.legs.values():
+            if not leg.ended:
+                into.legs[leg.uuid] = leg
+                self._leg_call[leg.uuid] = into.call_id
+            self._leg_joined(into, leg, "" if leg.inbound else leg.party,
+                             placeholder.company_number)
+            if leg.answered:
+                self._person_answered(into, leg)
+        into.other_causes = (into.other_causes + placeholder.other_causes)[-MAX_CAUSES:]
+        into.lost_end = into.lost_end or placeholder.lost_end
+        self.dirty.add(into.call_id)
 
     def _is_external_leg(self, h: Headers) -> bool:
         if h.get("Call-Direction") != "outbound":
@@ -561,9 +668,12 @@ class CallTracker:
             call.other_causes = (call.other_causes + [_h(h, "Hangup-Cause",
                                                          "variable_hangup_cause")])[-MAX_CAUSES:]
             # A long queue call rings agents for hours: keep the call small.
-            del call.legs[leg.uuid]
+            # A placeholder keeps them until its root shows which call they
+            # belong to (see _merge).
+            if call.root_seen:
+                del call.legs[leg.uuid]
             self._leg_call.pop(leg.uuid, None)
-            self._remember_finished(leg.uuid)
+            self._remember_finished(leg.uuid, call.call_id)
 
     # -- what Zammad is owed ----------------------------------------------
 
@@ -578,6 +688,19 @@ class CallTracker:
                      and (call.direction != "out" or call.local_user)) or ended
             if call.direction in ("in", "out") and ready:
                 call.instance = self._route(call)
+            root = call.legs.get(call.call_id)
+            if ended and not call.root_seen and root is not None and root.loopback:
+                # Only legs bridged from a loopback half were seen (e.g. the
+                # carrier leg of a follow-me, hangups alone). That half is
+                # either the far end of a loopback a call's dialplan started
+                # (the call is the caller's, sent under the caller's uuid) or
+                # one the API originated (a call of its own), and nothing left
+                # tells which. Sending it could give Zammad a second call for
+                # one FreeSWITCH call, with a guessed direction and no caller;
+                # dropping it loses at most a call of which only a leg's end
+                # was ever seen. At most one Zammad call per call wins.
+                self._forget(call)
+                return events
             if call.direction not in ("in", "out") or not ready or call.instance is None:
                 if ended:
                     self._forget(call)      # internal or ignored: Zammad never hears of it
@@ -612,15 +735,25 @@ class CallTracker:
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.call_id, None)
+        self.dirty.add(call.call_id)
         for uuid in call.legs:
             if self._leg_call.get(uuid) == call.call_id:
                 del self._leg_call[uuid]
-            self._remember_finished(uuid)
+            self._remember_finished(uuid, call.call_id)
 
-    def _remember_finished(self, uuid: str) -> None:
-        self._finished[uuid] = None
+    def _remember_finished(self, uuid: str, call_id: str) -> None:
+        if uuid in self._finished:
+            return
+        self._finished[uuid] = call_id
+        self._finished_legs.setdefault(call_id, []).append(uuid)
+        self.dirty.add(call_id)
         if len(self._finished) > FINISHED_MEMORY:
-            self._finished.popitem(last=False)
+            oldest, oldest_call = self._finished.popitem(last=False)
+            legs = self._finished_legs[oldest_call]
+            legs.remove(oldest)
+            if not legs:                    # its saved row goes (see dirty_rows)
+                del self._finished_legs[oldest_call]
+                self.dirty.add(oldest_call)
 
     def _mapped_login(self, call: Call, *extensions: str) -> str:
         """ZAMMAD_AGENTS' login for the first of ``extensions`` it maps."""

@@ -49,6 +49,9 @@ RECORDED = {
             ("answer", {**IN_MAIN, "to": "492214710351", "user": "1002",
                         "answeringNumber": "1002"}),
             ("hangup", {**IN_MAIN, "to": "492214710351", "cause": "normalClearing"})],
+    # follow-me: 1001 rings, then a loopback sends the call to the mobile, which answers
+    "S25": [("newCall", {**IN_MAIN, "to": "492214710353"}),
+            ("hangup", {**IN_MAIN, "to": "492214710353", "cause": "forwarded"})],
     "S28": [("newCall", {**IN_MAIN, "to": "492214710356", "queue": "support"}),
             ("answer", {**IN_MAIN, "to": "492214710356", "user": "1001",
                         "answeringNumber": "1001", "queue": "support"}),
@@ -92,7 +95,7 @@ def test_recorded_scenario(scenario):
     assert [e.name for e in sent if e.once] == (["hangup"] if missed else [])
 
 
-@pytest.mark.parametrize("scenario", ["S1", "S5", "S15", "S17"])
+@pytest.mark.parametrize("scenario", ["S1", "S5", "S15", "S17", "S25"])
 def test_restart_mid_call_keeps_the_story(scenario):
     """State saved after every event and loaded into a new tracker gives the same result."""
     events = capture(scenario)

@@ -33,6 +33,8 @@ CALLER_LOG = {
                 cause="voicemail", missed=True),
     "S23": dict(direction="in", to="492214710351", answered_by="1002", cause="normalClearing",
                 missed=False),
+    "S25": dict(direction="in", to="492214710353", answered_by=None, cause="forwarded",
+                missed=False),
     "S28": dict(direction="in", to="492214710356", answered_by="1001", cause="normalClearing",
                 missed=False, queue="support"),
     "S34": dict(direction="in", to="492214710359", answered_by="1001", cause="normalClearing",

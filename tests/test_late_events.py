@@ -161,3 +161,58 @@ def test_events_after_the_whole_call_change_nothing(story):
     more += tracker.expire(5000.0 + len(late) + rules.max_call_seconds + 1)
     assert more == []
     assert tracker.calls == {}
+
+
+# S25, follow-me: the caller's call 26e4… rings 1001, then bridges to the -a half
+# of a loopback whose -b half 1a49… bridges the carrier leg 9cd0… to the mobile.
+FOLLOW_ME = "26e4d685-76b5-4836-907a-81bfc68188b7"
+LOOPBACK_B = "1a4974db-0833-4434-9d8b-81e2b11166a3"
+CARRIER_LEG = "9cd024b4-1d20-4345-a1cf-a135c2255fc7"
+
+
+def _s25():
+    return _channel_events(next(e for n, e, _ in RECORDINGS if n == "S25"))
+
+
+def test_follow_me_hangups_in_their_order_are_the_callers_call_only():
+    """The carrier leg's hangup comes after the caller's call ended and names
+    only the -b half; the -b half's own hangup then names the caller's call
+    (other_loopback_from_uuid): the carrier leg's placeholder is dropped."""
+    hangups = [h for h in _s25() if h["Event-Name"] == "CHANNEL_HANGUP_COMPLETE"]
+    assert [h["Unique-ID"] for h in hangups][-2:] == [CARRIER_LEG, LOOPBACK_B]
+    tracker, sent = feed(hangups, TrackerRules())
+    assert [(e.call_id, e.name) for e in sent] == [(FOLLOW_ME, "newCall"), (FOLLOW_ME, "hangup")]
+    assert sent[0].get("direction") == "in" and tracker.calls == {}
+
+
+@pytest.mark.parametrize("before", [[], ["26e4 whole"]])
+def test_only_the_carrier_leg_of_a_loopback_is_never_a_call(before):
+    """Nothing links the carrier leg's hangup to the caller's call but
+    ``Other-Leg-Channel-Name: loopback/…-b``: it ends (expiry) without a
+    Zammad call, whether or not the caller's call was seen."""
+    events = _s25()
+    stream = [h for h in events if h["Unique-ID"] == FOLLOW_ME] if before else []
+    stream += [h for h in events if h["Unique-ID"] == CARRIER_LEG
+               and h["Event-Name"] == "CHANNEL_HANGUP_COMPLETE"]
+    tracker, sent = feed(stream, TrackerRules())
+    assert {e.call_id for e in sent} == ({FOLLOW_ME} if before else set())
+    assert tracker.calls == {}
+    # ...and a reconnect that finds the -b half gone ends it the same way.
+    tracker = CallTracker(TrackerRules())
+    assert tracker.handle(stream[-1], 1000.0) == []
+    assert tracker.reconcile([], 1001.0) == [] and tracker.calls == {}
+
+
+@pytest.mark.parametrize("first", ["carrier leg", "carrier leg and -a half"])
+def test_follow_me_legs_seen_before_the_loopback_half_join_the_callers_call(first):
+    """The carrier leg's events (and the -a half's) overtake the -b half's:
+    they wait for it, and when its event names the caller's call they join
+    it: the same Zammad call as in the recorded order, forwarded to the mobile."""
+    from tests.test_calls import RECORDED, simple
+    events = _s25()
+    early = {CARRIER_LEG} | ({"574464c5-dc29-45dd-9359-6b7d4d14b099"} if "-a" in first else set())
+    order = [h for h in events if h["Unique-ID"] in early] + \
+            [h for h in events if h["Unique-ID"] not in early]
+    tracker, sent = feed(order, TrackerRules())
+    assert simple(sent) == RECORDED["S25"]
+    assert {e.call_id for e in sent} == {FOLLOW_ME} and tracker.calls == {}
