@@ -24,8 +24,10 @@ from fs_zammad.calls import (
     HEADER_PREFIXES_READ,
     Call,
     CallTracker,
+    FinishedCall,
     TrackerRules,
     channels_to_headers,
+    saved_state,
 )
 from fs_zammad.causes import CauseMapper
 from fs_zammad.config import Settings, url_variable
@@ -124,12 +126,13 @@ class Service:
         return TicketJobs(ZammadApi(url, token, self.settings.zammad_timeout,
                                     self.settings.zammad_verify), group, fallback_customer)
 
-    def _saved_calls(self) -> list[Call]:
-        """Calls in progress at the last stop; an unreadable one is logged and skipped."""
+    def _saved_calls(self) -> list[Call | FinishedCall]:
+        """Calls in progress at the last stop, and the legs of recently finished
+        ones (their late events stay ignored); an unreadable one is logged and skipped."""
         calls = []
         for text in self.outbox.load_calls():
             try:
-                calls.append(Call.from_json(text))
+                calls.append(saved_state(text))
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("skipped a saved call the outbox cannot give back (%s): %.80s", exc, text)
         return calls

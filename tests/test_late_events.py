@@ -6,13 +6,15 @@ it ended), Zammad hears of at most one call per FreeSWITCH call, with the
 A-leg's uuid as callId, and never an answer or hangup before its newCall.
 """
 
+import json
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fs_zammad.calls import CallTracker, TrackerRules
+from fs_zammad import calls as calls_module
+from fs_zammad.calls import CallTracker, TrackerRules, channels_to_headers, saved_state
 from fs_zammad.wire import iter_capture
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -216,3 +218,145 @@ def test_follow_me_legs_seen_before_the_loopback_half_join_the_callers_call(firs
     tracker, sent = feed(order, TrackerRules())
     assert simple(sent) == RECORDED["S25"]
     assert {e.call_id for e in sent} == {FOLLOW_ME} and tracker.calls == {}
+
+
+# -- across a restart: the finished legs are saved with the calls -----------------
+
+
+class SavedCalls:
+    """The outbox's ``calls`` table as the service keeps it: the tracker's
+    ``dirty_rows`` written after every event, read back at a restart."""
+
+    def __init__(self):
+        self.rows: dict[str, str] = {}
+        self.writes = 0
+
+    def save(self, tracker):
+        upserts, deletes = tracker.dirty_rows()
+        self.rows.update(upserts)
+        for call_id in deletes:
+            self.rows.pop(call_id, None)
+        self.writes += len(upserts) + len(deletes)
+        tracker.dirty.clear()
+
+    def feed(self, tracker, events, start=1000.0):
+        sent = []
+        for i, headers in enumerate(events):
+            sent += tracker.handle(headers, start + i)
+            self.save(tracker)
+        return sent
+
+    def restart(self, rules):
+        return CallTracker(rules, [saved_state(text) for text in self.rows.values()])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shuffled_story(), st.integers(0, 200))
+def test_a_restart_anywhere_never_makes_a_second_call(story, cut):
+    """State saved after every event; the process restarts (kill -9) anywhere
+    in the stream and reads it back; then the rest of the events."""
+    name, events, order, rules = story
+    saved = SavedCalls()
+    sent = saved.feed(CallTracker(rules), order[:cut])
+    tracker = saved.restart(rules)
+    sent += saved.feed(tracker, order[cut:], 3000.0)
+    sent += tracker.expire(3000.0 + len(order) + rules.max_call_seconds + 1)
+    assert_one_call_at_most(sent, _calls(events, rules))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shuffled_story())
+def test_events_after_the_whole_call_and_a_restart_change_nothing(story):
+    name, events, late, rules = story
+    saved = SavedCalls()
+    saved.feed(CallTracker(rules), events)
+    tracker = saved.restart(rules)
+    more = saved.feed(tracker, late, 5000.0)
+    more += tracker.expire(5000.0 + len(late) + rules.max_call_seconds + 1)
+    assert more == [] and tracker.calls == {}
+
+
+def _rows_still_up(events, a_leg, with_a_leg):
+    """`show channels as json` rows listing the call's legs as still up (FreeSWITCH
+    lists a channel until it is destroyed, after its HANGUP_COMPLETE): the B-legs
+    bridged to the A-leg, and the A-leg itself if ``with_a_leg``."""
+    rows = []
+    for headers in events:
+        uuid = headers["Unique-ID"]
+        if headers["Event-Name"] != "CHANNEL_CREATE" or (uuid == a_leg and not with_a_leg):
+            continue
+        rows.append({"uuid": uuid, "direction": headers["Call-Direction"],
+                     "name": headers["Channel-Name"], "context": headers["Caller-Context"],
+                     "cid_num": headers.get("Caller-Caller-ID-Number", ""),
+                     "dest": headers.get("Caller-Destination-Number", ""),
+                     "callstate": "ACTIVE", "call_uuid": a_leg})
+    return rows
+
+
+CALLCENTRE = [r for r in RECORDINGS if (FIXTURES / "callcentre" / r[0]).is_dir()]
+
+
+@pytest.mark.parametrize("with_a_leg", [False, True], ids=["B-legs", "all legs"])
+@pytest.mark.parametrize("name,events,rules", CALLCENTRE, ids=[r[0] for r in CALLCENTRE])
+def test_a_resync_after_a_restart_listing_legs_of_a_sent_call_sends_nothing(
+        name, events, rules, with_a_leg):
+    """The call ended and was sent; the process restarts; FreeSWITCH still
+    lists its legs, then their hangups arrive again and a later resync finds
+    them gone. Without the saved finished legs this sent a newCall ("already
+    exists") and a second hangup for the A-leg (a missed call then shows done)."""
+    events = _channel_events(events)
+    saved = SavedCalls()
+    whole = saved.feed(CallTracker(rules), events)
+    a_leg = next(h["Unique-ID"] for h in events if h["Event-Name"] == "CHANNEL_CREATE")
+    rows = _rows_still_up(events, a_leg, with_a_leg)
+    tracker = saved.restart(rules)
+    more = tracker.reconcile(channels_to_headers(rows), 5000.0, known=set())
+    more += saved.feed(tracker, [h for h in events if h["Event-Name"] ==
+                                 "CHANNEL_HANGUP_COMPLETE"], 5001.0)
+    more += tracker.reconcile([], 5100.0)
+    more += tracker.expire(5100.0 + rules.max_call_seconds + 1)
+    assert more == [], (name, [(e.call_id, e.name) for e in whole + more])
+    assert tracker.calls == {}
+
+
+def _missed_call_events(n):
+    from tests import synth
+    a = synth.caller(cid=f"49301{n:06d}")
+    return [a.create(), a.execute("bridge"), a.hangup("NORMAL_CLEARING", "recv_cancel")]
+
+
+def test_finished_legs_saved_are_bounded_and_cost_one_delete_per_call(monkeypatch):
+    """Each event writes its call's row, as before (a finished call's row now
+    holds its legs instead of being deleted); the only extra write is one
+    delete per call when its legs fall out of FINISHED_MEMORY. What is saved
+    stays within FINISHED_MEMORY legs, and a restart reads back exactly those."""
+    monkeypatch.setattr(calls_module, "FINISHED_MEMORY", 50)
+    saved, tracker, events = SavedCalls(), CallTracker(), 0
+    for n in range(200):
+        story = _missed_call_events(n)
+        assert [e.name for e in saved.feed(tracker, story)] == ["newCall", "hangup"]
+        events += len(story)
+    assert saved.writes == events + (200 - 50)   # one leg per call: 150 fell out
+    assert len(saved.rows) == 50
+    legs = [uuid for text in saved.rows.values() for uuid in json.loads(text)["finished"]]
+    restarted = saved.restart(TrackerRules())
+    assert restarted.dirty == set()              # nothing to write after loading
+    assert restarted.dirty_rows() == ([], [])
+    # the last 50 calls are known finished after the restart, the older ones are not
+    assert all(saved.restart(TrackerRules()).handle(story, 9000.0) == []
+               for story in [{"Event-Name": "CHANNEL_HANGUP_COMPLETE", "Unique-ID": uuid,
+                              "Call-Direction": "inbound", "Caller-Context": "public"}
+                             for uuid in legs])
+    assert len(legs) == 50
+
+
+def test_a_smaller_memory_after_a_restart_deletes_the_rows_beyond_it(monkeypatch):
+    saved, tracker = SavedCalls(), CallTracker()
+    for n in range(30):
+        saved.feed(tracker, _missed_call_events(n))
+    monkeypatch.setattr(calls_module, "FINISHED_MEMORY", 10)
+    restarted = saved.restart(TrackerRules())
+    upserts, deletes = restarted.dirty_rows()
+    assert upserts == [] and len(deletes) == 20
+    saved.save(restarted)
+    assert len(saved.rows) == 10
