@@ -360,3 +360,63 @@ def test_a_smaller_memory_after_a_restart_deletes_the_rows_beyond_it(monkeypatch
     assert upserts == [] and len(deletes) == 20
     saved.save(restarted)
     assert len(saved.rows) == 10
+
+
+def _ended_call(kind):
+    """(call, its legs, events of the whole call, caller-log cause, missed)."""
+    from tests import synth
+    if kind == "missed inbound":
+        a = synth.caller(cid="4931300000")
+        b = synth.agent_leg(a, "1001")
+        events = [a.create(), a.execute("bridge"), b.create(),
+                  a.hangup("NORMAL_CLEARING", "recv_cancel"), b.hangup("ORIGINATOR_CANCEL")]
+        return a, (a, b), events, "cancel", True
+    a = synth.agent_call("1001")
+    b = synth.carrier_leg(a)
+    events = [a.create(), a.execute("bridge"), b.create(), b.answer(), a.answer(), a.bridge(b),
+              a.hangup("NORMAL_CLEARING", "recv_bye"), b.hangup("NORMAL_CLEARING", "send_bye")]
+    return a, (a, b), events, "normalClearing", False
+
+
+@pytest.mark.parametrize("kind", ["missed inbound", "answered outbound"])
+def test_kill_restart_and_a_resync_listing_the_legs_of_a_sent_call(kind, start_service,
+                                                                  fake_fs, zammad):
+    """The real process: a call ends and is sent, the process is killed (-9)
+    and restarts while FreeSWITCH still lists the call's legs (a channel is
+    listed until destroyed); the legs' hangups come again and a later resync
+    finds them gone. Zammad keeps one call with one hangup (a second one
+    would turn the missed call into a done one)."""
+    from tests.test_e2e import emit_all, sentinel_call
+    from tests.test_faults import channels_json
+    call, (a, b), events, cause, missed = _ended_call(kind)
+    service = start_service(ZAMMAD_CONCURRENCY="1")
+    emit_all(fake_fs, events)
+    # Killed once the hangup is out of the outbox (else the restart resends
+    # it: another story, see test_faults.py).
+    service.wait_for_log(rf"hangup callId={call.uuid} .*result=delivered")
+    service.kill()
+    fake_fs.api_responses["show channels as json"] = channels_json((a, None, True),
+                                                                   (b, a, True))
+    def after_the_resync():
+        """Once FreeSWITCH answered `show channels` and a sentinel call went
+        through, whatever follows is read after the resync's answer."""
+        fake_fs.wait_until(lambda: fake_fs.api_calls.count("show channels as json") > listed)
+        return sentinel_call(fake_fs, zammad)
+
+    listed = fake_fs.api_calls.count("show channels as json")
+    restarted = start_service(ZAMMAD_CONCURRENCY="1")
+    sentinels = [after_the_resync()]
+    emit_all(fake_fs, [h for h in events if h["Event-Name"] == "CHANNEL_HANGUP_COMPLETE"])
+    fake_fs.api_responses["show channels as json"] = channels_json()
+    listed = fake_fs.api_calls.count("show channels as json")
+    fake_fs.drop()
+    sentinels.append(after_the_resync())
+    # One at a time, in order: once this one is in, what the resync owed is too.
+    sentinels.append(sentinel_call(fake_fs, zammad))
+    log = {e["callId"]: e for e in zammad.caller_log()}
+    assert set(log) == {call.uuid, *sentinels}
+    entry = log[call.uuid]
+    assert (entry["state"], entry["hangups"], entry["cause"], entry["missed"]) == \
+        ("hangup", 1, cause, missed), entry
+    assert [r.event for r in zammad.requests_for(call.uuid)].count("newCall") == 1
+    assert "Traceback" not in service.log + restarted.log
