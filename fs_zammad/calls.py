@@ -13,10 +13,17 @@ lost ring-group race ends nothing.
 Events arrive in any order and some twice (a reconnect, a replay). A leg
 seen before the leg it belongs to (a B-leg, or the inbound half of a loopback
 a call started: ``other_loopback_from_uuid``) waits in a placeholder call
-keyed by that leg's uuid. Legs of finished calls are remembered
+keyed by that leg's uuid. When that leg shows up, its own event may name yet
+another call as its parent (the carrier leg of a follow-me waited for the
+loopback half, which names the caller's call): the placeholder's legs then
+join that call, or are finished with it if it has ended. A placeholder that
+waited for a loopback half no event of which ever came is dropped, not sent
+(see :meth:`CallTracker._owed`). Legs of finished calls are remembered
 (FINISHED_MEMORY): their late events, and any new leg that names one of them
 as its parent, are dropped, so replayed events or the hangups alone of a call
-never make a second Zammad call (nor a B-leg a call of its own).
+never make a second Zammad call (nor a B-leg a call of its own). The memory
+survives a restart: a finished call's row in the outbox holds its legs
+(:class:`FinishedCall`) until they are forgotten.
 
 Who a person is belongs to their leg, not to the call: FreeSWITCH puts a
 directory user's ``zammad_user`` variable on that user's own calls and on
@@ -35,7 +42,7 @@ in that order. A call that ended in voicemail before any person answered
 hangs up with cause ``voicemail``.
 
 Nothing here does I/O: the shell feeds header dicts and a clock and persists
-``dirty`` calls; the tests feed recorded events.
+``dirty`` calls (:meth:`CallTracker.dirty_rows`); the tests feed recorded events.
 """
 
 from __future__ import annotations
@@ -418,17 +425,20 @@ class CallTracker:
         for uuid in call.legs:
             self._leg_call[uuid] = call.call_id
 
+    def _leg(self, h: Headers) -> Leg:
+        """A leg as its own event describes it."""
+        outbound = h.get("Call-Direction") == "outbound"
+        return Leg(uuid=h["Unique-ID"], external=self._is_external_leg(h),
+                   loopback=h.get("Channel-Name", "").startswith("loopback/"),
+                   agent=_strip_domain(_h(h, "variable_cc_agent")), inbound=not outbound,
+                   party=_h(h, "variable_dialed_user", "Caller-Destination-Number",
+                            "Caller-Callee-ID-Number") if outbound
+                   else _h(h, "variable_user_name", "Caller-Caller-ID-Number"))
+
     def _new_leg(self, h: Headers, now: float, parent: Call | None) -> Call:
         uuid = h["Unique-ID"]
         outbound = h.get("Call-Direction") == "outbound"
-        leg = Leg(uuid=uuid, external=self._is_external_leg(h),
-                  loopback=h.get("Channel-Name", "").startswith("loopback/"),
-                  agent=_strip_domain(_h(h, "variable_cc_agent")), inbound=not outbound)
-        if outbound:
-            leg.party = _h(h, "variable_dialed_user", "Caller-Destination-Number",
-                           "Caller-Callee-ID-Number")
-        else:
-            leg.party = _h(h, "variable_user_name", "Caller-Caller-ID-Number")
+        leg = self._leg(h)
         if parent is None and (outbound or _h(h, "variable_other_loopback_from_uuid")):
             parent = self._placeholder(h, now)
         if parent is not None:
@@ -500,15 +510,16 @@ class CallTracker:
         if finished_call:
             self._forget(placeholder)
             return None
+        awaited = self._awaited_parent(h)
+        if parent is None and awaited and self._call_of(awaited) is None:
+            parent = self._placeholder(h, now)
         if parent is not None:
+            # A leg of that call now, no root: what it is comes from its own event.
+            seen = placeholder.legs[placeholder.call_id]
+            placeholder.legs[seen.uuid] = dataclasses.replace(
+                self._leg(h), answered=seen.answered, ended=seen.ended, user=seen.user)
             self._merge(placeholder, parent)
             return parent
-        awaited = self._awaited_parent(h)
-        if awaited and self._call_of(awaited) is None:
-            parent = self._placeholder(h, now)
-            if parent is not None:
-                self._merge(placeholder, parent)
-                return parent
         # Its own call after all: drop what the ended legs left behind.
         for ended in [u for u, leg in placeholder.legs.items()
                       if leg.ended and u != placeholder.call_id]:
