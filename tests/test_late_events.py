@@ -136,17 +136,49 @@ def test_any_order_subset_or_repeat_never_makes_a_second_call(story):
     assert_one_call_at_most(feed(order, rules)[1], _calls(events, rules))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shuffled_story(), st.lists(st.integers(0, 40), max_size=3))
-def test_reconnects_in_between_never_make_a_second_call(story, gaps):
+class SavedCalls:
+    """The outbox's ``calls`` table as the service keeps it: the tracker's
+    ``dirty_rows`` written after every event, read back at a restart."""
+
+    def __init__(self):
+        self.rows: dict[str, str] = {}
+        self.writes = 0
+
+    def save(self, tracker):
+        upserts, deletes = tracker.dirty_rows()
+        self.rows.update(upserts)
+        for call_id in deletes:
+            self.rows.pop(call_id, None)
+        self.writes += len(upserts) + len(deletes)
+        tracker.dirty.clear()
+
+    def feed(self, tracker, events, start=1000.0):
+        sent = []
+        for i, headers in enumerate(events):
+            sent += tracker.handle(headers, start + i)
+            self.save(tracker)
+        return sent
+
+    def restart(self, rules):
+        return CallTracker(rules, [saved_state(text) for text in self.rows.values()])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shuffled_story(), st.lists(st.integers(0, 40), max_size=3), st.integers(0, 80))
+def test_reconnects_or_a_restart_in_between_never_make_a_second_call(story, gaps, restart):
     """A reconnect (FreeSWITCH lists no live channel: every known leg ended
-    unseen) anywhere in the stream, then the rest of the events."""
+    unseen) anywhere in the stream, and the process restarting (kill -9;
+    the state saved after every event is read back) anywhere, then the rest
+    of the events."""
     name, events, order, rules = story
-    tracker, sent = CallTracker(rules), []
+    saved, tracker, sent = SavedCalls(), CallTracker(rules), []
     for i, headers in enumerate(order):
+        if i == restart:
+            tracker = saved.restart(rules)
         if i in gaps:
             sent += tracker.reconcile([], 1000.0 + i)
         sent += tracker.handle(headers, 1000.0 + i)
+        saved.save(tracker)
     sent += tracker.expire(1000.0 + len(order) + rules.max_call_seconds + 1)
     assert_one_call_at_most(sent, _calls(events, rules))
 
@@ -223,47 +255,6 @@ def test_follow_me_legs_seen_before_the_loopback_half_join_the_callers_call(firs
 # -- across a restart: the finished legs are saved with the calls -----------------
 
 
-class SavedCalls:
-    """The outbox's ``calls`` table as the service keeps it: the tracker's
-    ``dirty_rows`` written after every event, read back at a restart."""
-
-    def __init__(self):
-        self.rows: dict[str, str] = {}
-        self.writes = 0
-
-    def save(self, tracker):
-        upserts, deletes = tracker.dirty_rows()
-        self.rows.update(upserts)
-        for call_id in deletes:
-            self.rows.pop(call_id, None)
-        self.writes += len(upserts) + len(deletes)
-        tracker.dirty.clear()
-
-    def feed(self, tracker, events, start=1000.0):
-        sent = []
-        for i, headers in enumerate(events):
-            sent += tracker.handle(headers, start + i)
-            self.save(tracker)
-        return sent
-
-    def restart(self, rules):
-        return CallTracker(rules, [saved_state(text) for text in self.rows.values()])
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shuffled_story(), st.integers(0, 200))
-def test_a_restart_anywhere_never_makes_a_second_call(story, cut):
-    """State saved after every event; the process restarts (kill -9) anywhere
-    in the stream and reads it back; then the rest of the events."""
-    name, events, order, rules = story
-    saved = SavedCalls()
-    sent = saved.feed(CallTracker(rules), order[:cut])
-    tracker = saved.restart(rules)
-    sent += saved.feed(tracker, order[cut:], 3000.0)
-    sent += tracker.expire(3000.0 + len(order) + rules.max_call_seconds + 1)
-    assert_one_call_at_most(sent, _calls(events, rules))
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shuffled_story())
 def test_events_after_the_whole_call_and_a_restart_change_nothing(story):
@@ -320,34 +311,32 @@ def test_a_resync_after_a_restart_listing_legs_of_a_sent_call_sends_nothing(
 
 
 def _missed_call_events(n):
-    from tests import synth
-    a = synth.caller(cid=f"49301{n:06d}")
-    return [a.create(), a.execute("bridge"), a.hangup("NORMAL_CLEARING", "recv_cancel")]
+    from tests.test_faults import missed_call
+    return missed_call(f"49301{n:06d}")[1]
 
 
 def test_finished_legs_saved_are_bounded_and_cost_one_delete_per_call(monkeypatch):
     """Each event writes its call's row, as before (a finished call's row now
-    holds its legs instead of being deleted); the only extra write is one
+    holds its legs where it used to be deleted); the only extra write is one
     delete per call when its legs fall out of FINISHED_MEMORY. What is saved
-    stays within FINISHED_MEMORY legs, and a restart reads back exactly those."""
+    stays within FINISHED_MEMORY legs, and after a restart the late events of
+    every call saved change nothing."""
+    from tests.test_faults import answered_call
     monkeypatch.setattr(calls_module, "FINISHED_MEMORY", 50)
-    saved, tracker, events = SavedCalls(), CallTracker(), 0
-    for n in range(200):
-        story = _missed_call_events(n)
-        assert [e.name for e in saved.feed(tracker, story)] == ["newCall", "hangup"]
-        events += len(story)
-    assert saved.writes == events + (200 - 50)   # one leg per call: 150 fell out
-    assert len(saved.rows) == 50
-    legs = [uuid for text in saved.rows.values() for uuid in json.loads(text)["finished"]]
+    saved, tracker, events, stories = SavedCalls(), CallTracker(), 0, []
+    for n in range(100):                         # two legs a call: the last 25 fit
+        _, _, start, end = answered_call(f"49301{n:06d}")
+        sent = saved.feed(tracker, start + end)
+        assert [e.name for e in sent] == ["newCall", "answer", "hangup"]
+        events += len(start + end)
+        stories.append(start + end)
+    assert saved.writes == events + 75
+    assert len(saved.rows) == 25
+    assert sum(len(json.loads(text)["finished"]) for text in saved.rows.values()) == 50
     restarted = saved.restart(TrackerRules())
-    assert restarted.dirty == set()              # nothing to write after loading
-    assert restarted.dirty_rows() == ([], [])
-    # the last 50 calls are known finished after the restart, the older ones are not
-    assert all(saved.restart(TrackerRules()).handle(story, 9000.0) == []
-               for story in [{"Event-Name": "CHANNEL_HANGUP_COMPLETE", "Unique-ID": uuid,
-                              "Call-Direction": "inbound", "Caller-Context": "public"}
-                             for uuid in legs])
-    assert len(legs) == 50
+    assert restarted.dirty_rows() == ([], [])    # nothing to write after loading
+    late = [headers for story in stories[-25:] for headers in story]
+    assert saved.feed(restarted, late, 9000.0) == [] and restarted.calls == {}
 
 
 def test_a_smaller_memory_after_a_restart_deletes_the_rows_beyond_it(monkeypatch):
