@@ -422,8 +422,11 @@ class CallTracker:
 
     def _adopt(self, call: Call) -> None:
         self.calls[call.call_id] = call
-        for uuid in call.legs:
-            self._leg_call[uuid] = call.call_id
+        for uuid, leg in call.legs.items():
+            if leg.ended and uuid != call.call_id:  # kept by a placeholder (see _on_hangup)
+                self._remember_finished(uuid, call.call_id)
+            else:
+                self._leg_call[uuid] = call.call_id
 
     def _leg(self, h: Headers) -> Leg:
         """A leg as its own event describes it."""
