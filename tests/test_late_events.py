@@ -3,7 +3,10 @@
 Whatever part of a recorded call's events arrives, in whatever order and
 however often (only the hangups, hangups first, the whole call replayed after
 it ended), Zammad hears of at most one call per FreeSWITCH call, with the
-A-leg's uuid as callId, and never an answer or hangup before its newCall.
+A-leg's uuid as callId, and never an answer or hangup before its newCall;
+also when the process restarts in between (kill -9: the state saved after
+every event, finished legs included, is read back) or a resync lists legs of
+a call already sent.
 """
 
 import json
