@@ -94,7 +94,7 @@ HEADER_PREFIXES_READ = ("variable_zammad_",)
 
 #: How many finished legs are remembered to ignore their late events: late
 #: means milliseconds, and 5,000 legs are half a minute at 100 calls/s. The
-#: outbox keeps the same legs (FinishedCall rows, ~200 KB), for a restart.
+#: outbox keeps the same legs (FinishedCall rows, a few hundred KB) for a restart.
 FINISHED_MEMORY = 5_000
 
 #: Causes kept of a call's ended legs (a queue call can ring hundreds).
