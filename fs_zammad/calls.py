@@ -253,7 +253,7 @@ class CallTracker:
         # Legs of calls already finished (leg -> its call's id), oldest first:
         # a late event for one of them must not start a second Zammad call.
         self._finished: OrderedDict[str, str] = OrderedDict()
-        self._finished_legs: dict[str, list[str]] = {}  # call_id -> its legs in _finished
+        self._finished_legs: dict[str, list[str]] = {}  # call_id -> its legs, as saved
         self.dirty: set[str] = set()
         self._cleaned_logged: set[tuple[str, str]] = set()  # (field, problem) already logged
         for saved in calls:
@@ -362,15 +362,24 @@ class CallTracker:
         The caller clears ``dirty`` once they are written."""
         upserts, deletes = [], []
         for call_id in self.dirty:
-            call = self.calls.get(call_id)
-            if call is not None:
-                upserts.append((call_id, call.to_json()))
-            elif call_id in self._finished_legs:
-                upserts.append((call_id, FinishedCall(
-                    call_id, tuple(self._finished_legs[call_id])).to_json()))
-            else:
+            row = self._row(call_id)
+            if row is None:
                 deletes.append(call_id)
+            else:
+                upserts.append((call_id, row))
         return upserts, deletes
+
+    def saved_rows(self) -> dict[str, str]:
+        """Every row of the ``calls`` table once the dirty ones are written."""
+        return {call_id: row for call_id in {*self.calls, *self._finished_legs}
+                if (row := self._row(call_id)) is not None}
+
+    def _row(self, call_id: str) -> str | None:
+        call = self.calls.get(call_id)
+        if call is not None:
+            return call.to_json()
+        legs = self._finished_legs.get(call_id)
+        return None if legs is None else FinishedCall(call_id, tuple(legs)).to_json()
 
     def leg_ids(self) -> set[str]:
         return set(self._leg_call)
@@ -764,9 +773,9 @@ class CallTracker:
         self.dirty.add(call_id)
         if len(self._finished) > FINISHED_MEMORY:
             oldest, oldest_call = self._finished.popitem(last=False)
-            legs = self._finished_legs[oldest_call]
-            legs.remove(oldest)
-            if not legs:                    # its saved row goes (see dirty_rows)
+            # Legs go in the order they came: the call's last one gone, all are,
+            # and its saved row goes (see dirty_rows); until then it stays as written.
+            if self._finished_legs[oldest_call][-1] == oldest:
                 del self._finished_legs[oldest_call]
                 self.dirty.add(oldest_call)
 

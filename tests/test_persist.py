@@ -72,7 +72,7 @@ def replay(svc, scenario: str, flush: str, seed: int = 0):
         tracker.handle = spy
         svc.on_event(headers)
         tracker.handle = handled
-        prefixes.append(({c.call_id: c.to_json() for c in tracker.calls.values()}, owed))
+        prefixes.append((tracker.saved_rows(), owed))
         if len(owed) > before:
             must_reach = k
         if flush == "always" or (flush == "random" and rng.random() < 0.4):
