@@ -106,7 +106,14 @@ def _run_command(args) -> int:
         except OutboxInUse as exc:  # a second service on the same STATE_DIR
             print(f"fs-zammad: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        except (OSError, sqlite3.Error) as exc:  # the outbox directory, the metrics port
+        except sqlite3.Error as exc:  # a full disk or a permission: the file itself is sound
+            from fs_zammad.outbox import write_trouble
+
+            print(f"fs-zammad: cannot start: cannot open the outbox in STATE_DIR="
+                  f"{settings.state_dir}: {write_trouble(exc)} ({exc}); free space there or let "
+                  "this user write it: what it holds is kept for the next start", file=sys.stderr)
+            return EXIT_FAILED
+        except OSError as exc:  # the outbox directory, the metrics port
             print(f"fs-zammad: cannot start: {exc} (STATE_DIR={settings.state_dir}, "
                   f"METRICS_PORT={settings.metrics_port or 'off'})", file=sys.stderr)
             return EXIT_FAILED

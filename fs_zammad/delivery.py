@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 import uuid
 
@@ -45,6 +46,8 @@ from fs_zammad.outbox import SIDE_JOB, Outbox, OutboxUnwritable, Row
 log = logging.getLogger("fs_zammad.delivery")
 
 UNSURE_HANGUP = "hangup of a missed call may have reached Zammad"
+#: Reasons remembered for logging once; a flood of distinct ones stays bounded.
+REPORTED_MAX = 1000
 NOT_RESENT = "not resent: a second hangup would turn the missed call into a done one"
 
 
@@ -141,8 +144,11 @@ class Delivery:
             return 0.0 if len(rows) == free else 1.0
         if not self._inflight:
             self.outbox.recount()
+        # Rows due but not ready wait behind an event in flight (or a write the
+        # full disk holds): its end wakes us, so there is nothing to poll for.
         due = self.outbox.next_due(self.instance)
-        return 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
+        left = None if due is None else due - time.time()
+        return 1.0 if left is None or left <= 0 else min(1.0, max(0.01, left))
 
     def _probe(self) -> None:
         """Is Zammad back? Asked with a request that stores nothing."""
@@ -187,8 +193,11 @@ class Delivery:
             log.error("delivery of %s for call %s failed unexpectedly: %s: %s",
                       row.event, row.call_id, type(exc).__name__, exc)
             # Only the type is stored: the text may quote a URL (the log line is redacted).
-            self.outbox.retry_later(row.id, time.time() + self.retry_max,
-                                    f"unexpected {type(exc).__name__} (see the log)")
+            error = f"unexpected {type(exc).__name__} (see the log)"
+            if row.once:  # the request may have left before the failure
+                self.outbox.set_unsure(row, f"{UNSURE_HANGUP} ({error}); {NOT_RESENT}")
+            else:
+                self.outbox.retry_later(row.id, time.time() + self.retry_max, error)
         finally:
             self._inflight.pop(row.id, None)
             self._wake.set()
@@ -253,7 +262,8 @@ class Delivery:
 
     def _report(self, row: Row, outcome: zammad.Outcome, why: str, key: str = "") -> None:
         """Log a row set aside: loudly the first time per reason, quietly after."""
-        key = key or f"{outcome.status}:{why.replace(row.call_id, '<callId>')}"
+        # Zammad's words may quote the call's own numbers: those make no new reason.
+        key = key or f"{outcome.status}:" + re.sub(r"\d+", "#", why.replace(row.call_id, ""))[:80]
         if key.startswith("unsure:"):
             hint = ("'fs-zammad outbox list' shows it; send it again only if Zammad's caller log "
                     f"shows the call still ringing: 'fs-zammad outbox retry --unsure --call "
@@ -263,7 +273,8 @@ class Delivery:
         else:
             hint = "'fs-zammad outbox list' shows it, 'fs-zammad outbox retry' sends it again"
         level = logging.ERROR if key not in self._reported else logging.DEBUG
-        self._reported.add(key)
+        if len(self._reported) < REPORTED_MAX:
+            self._reported.add(key)
         log.log(level, "Zammad%s: %s for call %s not delivered (HTTP %s: %s); set aside: %s",
                 self._name, row.event, row.call_id, outcome.status or "-", why, hint)
 

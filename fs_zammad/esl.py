@@ -392,8 +392,7 @@ class EslSupervisor:
             except EslError as exc:
                 reason = str(exc)
             except Exception as exc:  # never let the supervisor die: rebuild the connection
-                log.exception("unexpected error on the FreeSWITCH connection")
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = f"unexpected {type(exc).__name__}: {exc}"
             finally:
                 self.connected = False
                 self._conn = None

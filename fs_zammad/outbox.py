@@ -119,8 +119,11 @@ class ServiceLock:
             raise OutboxInUse(f"another fs-zammad ({self.holder()}) is running on this outbox "
                               f"(it holds {self.path}); stop it, or give this one its own "
                               "STATE_DIR") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError:  # a full disk: the lock holds all the same, unnamed
+            pass
         self._fd = fd
 
     def holder(self) -> str:
@@ -155,9 +158,8 @@ class ServiceLock:
 
 def write_trouble(exc: BaseException) -> str:
     """What a failed write says, in an admin's words."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL or "full" in str(exc) or \
-            getattr(exc, "errno", None) == errno.ENOSPC:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; 13 is SQLITE_FULL
+    if code == 13 or "full" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
         return "disk full"
     return str(exc) or type(exc).__name__
 
@@ -575,11 +577,21 @@ def _fields(text: str) -> list:
         return []
 
 
+#: SQLITE_CORRUPT and SQLITE_NOTADB: what SQLite says of a damaged file.
+DAMAGE_CODES = (11, 26)
+
+
 def is_damage(exc: BaseException) -> bool:
-    """Damage to the file, as opposed to a full disk, a lock or a permission."""
+    """Damage to the file, as opposed to a full disk, a lock or a permission.
+
+    Only SQLite's own verdict counts: a full disk can surface as "disk I/O
+    error" (the -shm cannot grow) and a permission as "unable to open", and
+    moving a sound file aside for either would strand every event in it.
+    """
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in DAMAGE_CODES
     text = str(exc)
-    return not isinstance(exc, sqlite3.OperationalError) or any(
-        words in text for words in ("malformed", "not a database", "unable to open",
-                                    "disk I/O error", "no such table", "no such column"))
+    return "malformed" in text or "not a database" in text

@@ -54,8 +54,18 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
         if os.path.lexists(f"{path}{suffix}"):
             os.rename(f"{path}{suffix}", f"{aside}{suffix}")
     rows, calls, lost = salvage(aside)
-    outbox = Outbox(path, max_events, background_checkpoint)
-    outbox.adopt(rows, calls)
+    try:
+        outbox = Outbox(path, max_events, background_checkpoint)
+        outbox.adopt(rows, calls)
+    except sqlite3.Error:
+        # No fresh outbox (a full disk): put the damaged file back as it was, so
+        # that the next start salvages it again instead of starting empty.
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.lexists(f"{path}{suffix}") and not os.path.isdir(f"{path}{suffix}"):
+                os.unlink(f"{path}{suffix}")
+            if os.path.lexists(f"{aside}{suffix}"):
+                os.rename(f"{aside}{suffix}", f"{path}{suffix}")
+        raise
     if lost is None:
         unread = "how many more it held could not be read"
     else:
@@ -116,7 +126,10 @@ def _salvage_rows(db: sqlite3.Connection, present: list[str]
                   ) -> tuple[list[tuple], list[tuple], int | None]:
     if "id" not in present:
         return [], [], None
-    wanted = [c if c in present else f"{int(c == 'once')} AS {c}" for c in COLUMNS]
+    # A file from before the ``once`` column: every hangup counts as one (as in
+    # Outbox._add_once_column), nothing else does.
+    wanted = [c if c in present else "(event='hangup') AS once" if c == "once" else f"0 AS {c}"
+              for c in COLUMNS]
     read, unreadable = _readable(db, "outbox", ", ".join(wanted))
     rows = [row[1:] for row in read if _sound_row(row[1:])]
     calls = [row[1:] for row in _readable(db, "calls", "call_id, state")[0]
@@ -167,6 +180,9 @@ def _readable(db: sqlite3.Connection, table: str, columns: str
         top = None
     rows: list[tuple] = []
     unreadable, last = 0, 0
+    # With the end unknown, stepping stops 10,000 rowids past the last row found:
+    # only a row found moves that bound, so the search always ends.
+    bound = top
     scan = f"SELECT rowid, {columns} FROM {table} WHERE rowid>? ORDER BY rowid"
     while True:
         try:
@@ -178,7 +194,8 @@ def _readable(db: sqlite3.Connection, table: str, columns: str
         except sqlite3.Error:
             pass
         # The scan hit a damaged page after ``last``: find the next readable rowid.
-        bound = top if top is not None else last + 10_000
+        if top is None:
+            bound = (rows[-1][0] if rows else 0) + 10_000
         while True:
             last += 1
             if last > bound:  # past the end; if the end is unknown, so is what was lost

@@ -157,12 +157,15 @@ def _not_zammads_answer(status: int, content_type: str, body: str, setting: str)
 
 def _redirect(status: int, location: str, url: str, setting: str) -> Outcome:
     """Never followed: a POST would arrive as a GET (301/302/303) or not at Zammad."""
-    if not location:
+    try:
+        target = urljoin(url, location.strip()) if location.strip() else ""
+        shown = _shown_target(target) if target else ""
+    except ValueError:  # "http://[x", a port that is no number: a target nobody can use
+        shown = ""
+    if not shown:
         return Outcome(NOT_ZAMMAD, status, f"{setting} answered a redirect (HTTP {status}) "
-                       f"without a target; set {setting} to Zammad's own /api/v1/cti/<token> URL",
-                       config_error=True)
-    target = urljoin(url, location.strip())
-    shown = _shown_target(target)
+                       f"without a usable target; set {setting} to Zammad's own "
+                       "/api/v1/cti/<token> URL", config_error=True)
     if "/api/v1/cti/" in urlsplit(target).path:
         text = f"{setting} redirects to {shown}: set it to that URL (HTTP {status}, not followed)"
     else:

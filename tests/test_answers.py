@@ -211,6 +211,31 @@ def test_no_second_post_of_a_hangup_after_a_maybe(script, once):
                 assert posts > i + 1
 
 
+def test_events_waiting_behind_one_in_flight_are_not_polled_for():
+    """The call's hangup waits behind its newCall in flight: the end of that request
+    wakes the dispatcher, so it does not look again every few milliseconds."""
+    outbox = Outbox(":memory:")
+    outbox.record([Missed("c1", "newCall", False), Missed("c1", "hangup", True)])
+    delivery = Delivery(outbox, ScriptedClient([]), retry_max=0.01)
+    delivery._inflight[outbox.ready(1)[0].id] = outbox.ready(1)[0]
+    assert delivery._dispatch() == 1.0
+
+
+def test_a_bug_after_a_missed_calls_hangup_left_makes_it_unsure_not_resent():
+    class BrokenClient(ScriptedClient):
+        def post(self, fields):
+            self.sent.append(dict(fields))
+            raise RuntimeError("a bug after the request left")
+
+    outbox = Outbox(":memory:")
+    outbox.record([Missed("c1", "hangup", True), Missed("c2", "hangup", False)])
+    delivery = Delivery(outbox, BrokenClient([]), retry_max=0.01)
+    for row in outbox.ready(2):
+        delivery._send(row)
+    assert outbox.counts() == {"unsure": 1, "pending": 1}
+    assert [r.call_id for r in outbox.ready(5, now=float("inf"))] == ["c2"]
+
+
 @pytest.mark.parametrize("value,seconds", [
     ("120", 120.0), (" 5 ", 5.0), ("0", 0.0), ("1.5", 1.5), ("", None), ("soon", None),
     ("-5", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
@@ -245,7 +270,9 @@ def test_retry_after_http_date_and_the_cap():
     (302, "https://sso.acme.test/login?next=%2Fapi%2Fv1%2Fcti%2Ftok-9d8e7f",
      "ZAMMAD_CTI_URL redirects to https://sso.acme.test/login?…, not to Zammad's CTI endpoint "
      "(HTTP 302, not followed; a login or SSO gateway?)"),
-    (303, "", "ZAMMAD_CTI_URL answered a redirect (HTTP 303) without a target"),
+    (303, "", "ZAMMAD_CTI_URL answered a redirect (HTTP 303) without a usable target"),
+    (302, "http://[x", "ZAMMAD_CTI_URL answered a redirect (HTTP 302) without a usable target"),
+    (302, "http://h:abc/", "ZAMMAD_CTI_URL answered a redirect (HTTP 302) without a usable target"),
 ])
 def test_redirects_name_their_target_without_the_token(status, location, words):
     outcome = classify("newCall", status, "", "text/html", location=location, url=URL)

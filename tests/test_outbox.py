@@ -363,8 +363,11 @@ def test_damaged_outbox_rows_and_calls_carried_over_file_kept_as_found(tmp_path,
 
 @pytest.mark.parametrize("error, damaged", [
     (sqlite3.OperationalError("database or disk is full"), False),
-    (sqlite3.OperationalError("disk I/O error"), True),
+    # a full disk stopping the -shm from growing; only SQLite's own verdict is damage
+    (sqlite3.OperationalError("disk I/O error"), False),
+    (sqlite3.OperationalError("unable to open database file"), False),  # a permission
     (sqlite3.DatabaseError("database disk image is malformed"), True),
+    (sqlite3.DatabaseError("file is not a database"), True),
     (sqlite3.OperationalError("database is locked"), False),
 ])
 def test_a_write_error_says_whether_only_a_restart_helps(tmp_path, error, damaged):

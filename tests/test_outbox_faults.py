@@ -552,3 +552,40 @@ def test_stop_while_the_disk_is_full_says_what_is_lost_and_resends_no_hangup(
     errors = [line for line in service.lines if "ERROR" in line]
     assert len(errors) == 2 and "cannot write the outbox" in errors[0], "\n".join(errors)
     assert "still cannot be written" in errors[1]
+
+
+def test_a_full_disk_at_start_keeps_the_sound_outbox_for_the_next_start(
+        small_disk, start_service, fake_fs, zammad):
+    """SQLite says "disk I/O error" when a full disk stops it growing the -shm file:
+    that is no damage, and the file with its waiting events must not be moved aside."""
+    ended, up = write_outbox(small_disk, n_ended=20, n_up=0)
+    shm = small_disk / "outbox.sqlite3-shm"
+    if shm.exists():
+        shm.unlink()
+    (small_disk / "fs-zammad.lock").write_text("1 an-earlier-run\n")
+    filler = fill(small_disk)
+    service = start_service(wait=False)
+    assert service.proc.wait(timeout=20) == 1
+    service._reader.join(timeout=5)
+    lines = [line for line in service.lines if line.strip()]
+    assert any("cannot start" in line and "STATE_DIR" in line for line in lines), lines
+    assert "Traceback" not in service.log
+    assert not [p for p in small_disk.iterdir() if ".damaged-" in p.name]
+    filler.unlink()
+    service = start_service()
+    zammad.wait_for(lambda: sum(hangups_by_call(zammad).values()) == len(ended), timeout=30)
+    assert hangups_by_call(zammad) == {call_id: 1 for call_id in ended}
+    assert "was damaged" not in service.log
+
+
+def test_real_damage_and_real_trouble_are_told_apart(tmp_path):
+    from fs_zammad.outbox import is_damage
+
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(random.Random(1).randbytes(8192))
+    with pytest.raises(sqlite3.DatabaseError) as caught:
+        sqlite3.connect(junk).execute("SELECT * FROM sqlite_master").fetchall()
+    assert is_damage(caught.value)
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        sqlite3.connect(tmp_path / "no" / "such" / "dir.sqlite3")
+    assert not is_damage(caught.value)
