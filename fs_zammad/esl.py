@@ -134,11 +134,8 @@ class _CoalescingSocket(io.RawIOBase):
             return os.readv(self._fd, [buffer])
         except BlockingIOError:
             pass
+        wait_read(self._fd)  # variant B: wake on data, then let more pile up
         gevent.sleep(COALESCE_SECONDS)
-        try:
-            return os.readv(self._fd, [buffer])
-        except BlockingIOError:
-            wait_read(self._fd)
         return os.readv(self._fd, [buffer])
 
 
