@@ -27,15 +27,12 @@ connection's processing greenlet.
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import random
 import time
 
 import gevent
 from gevent.queue import Empty, Queue
-from gevent.socket import wait_read
 from greenswitch.esl import InboundESL, NotConnectedError
 
 from fs_zammad.wire import FrameError, parse_event_plain, split_frame_head_line
@@ -60,16 +57,6 @@ MAX_EVENT_BODY = 1024 * 1024
 #: An api/response we asked for: ``show channels as json`` is ~2 KB a channel,
 #: so 16 MB is about 8,000 channels at once.
 MAX_API_BODY = 16 * 1024 * 1024
-
-#: When the frames read so far are used up, the reader waits this long before
-#: it looks at the socket again (see _CoalescingSocket). At a PBX's pace a
-#: call's frames come one by one, and on this kind of VM a wake-up costs more
-#: CPU than the frame it brings (bench/README.md, "At a PBX's pace"). 3 ms
-#: keeps the added latency well inside the 10 ms budget (p99) while a busy
-#: PBX (40 calls/s ≈ 500 frames/s) sends one or two more frames meanwhile.
-COALESCE_SECONDS = 0.003
-#: What one read may take from the socket: ten frames of 6.5 KB.
-READ_BUFFER = 64 * 1024
 
 
 class EslError(Exception):
@@ -109,36 +96,6 @@ class _Frame:
         self.data = None
 
 
-class _CoalescingSocket(io.RawIOBase):
-    """The socket under the reader's buffered file, read so as to wake up less.
-
-    When the buffered frames are used up, the reader waits COALESCE_SECONDS
-    (the events read are handled meanwhile: the wait yields to the event
-    greenlet) and then takes in one read whatever arrived: one wake-up for a
-    few frames, and one commit for them (service.on_event commits when the
-    backlog is empty). Only if that finds the socket empty does it sleep until
-    FreeSWITCH writes, and then it reads at once: the first frame after a
-    quiet spell is not delayed. The socket is non-blocking under gevent, so
-    ``os.readv`` returns what the kernel holds or raises BlockingIOError.
-    """
-
-    def __init__(self, sock):
-        super().__init__()
-        self._fd = sock.fileno()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        try:
-            return os.readv(self._fd, [buffer])
-        except BlockingIOError:
-            pass
-        wait_read(self._fd)  # variant B: wake on data, then let more pile up
-        gevent.sleep(COALESCE_SECONDS)
-        return os.readv(self._fd, [buffer])
-
-
 class _Connection(InboundESL):
     """greenswitch's InboundESL with a reader that cannot hang, spin or bloat."""
 
@@ -151,13 +108,6 @@ class _Connection(InboundESL):
         self._esl_event_queue = Queue(maxsize=EVENT_BUFFER)
         self.disconnect_reason = ""
         self._on_broken = on_broken
-
-    def start_event_handlers(self):
-        # greenswitch has just made sock_file (socket.makefile, 8 KB buffer):
-        # read through _CoalescingSocket instead.
-        self.sock_file.close()
-        self.sock_file = io.BufferedReader(_CoalescingSocket(self.sock), READ_BUFFER)
-        super().start_event_handlers()
 
     def receive_events(self):
         try:
