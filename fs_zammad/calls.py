@@ -22,8 +22,9 @@ waited for a loopback half no event of which ever came is dropped, not sent
 (FINISHED_MEMORY): their late events, and any new leg that names one of them
 as its parent, are dropped, so replayed events or the hangups alone of a call
 never make a second Zammad call (nor a B-leg a call of its own). The memory
-survives a restart: a finished call's row in the outbox holds its legs
-(:class:`FinishedCall`) until they are forgotten.
+survives a restart: the outbox keeps the legs of the latest finished calls
+(:class:`FinishedCall`, :meth:`CallTracker.take_finished`) beside the calls in
+progress.
 
 Who a person is belongs to their leg, not to the call: FreeSWITCH puts a
 directory user's ``zammad_user`` variable on that user's own calls and on
@@ -94,7 +95,7 @@ HEADER_PREFIXES_READ = ("variable_zammad_",)
 
 #: How many finished legs are remembered to ignore their late events: late
 #: means milliseconds, and 5,000 legs are half a minute at 100 calls/s. The
-#: outbox keeps the same legs (FinishedCall rows, a few hundred KB) for a restart.
+#: outbox keeps as many finished calls (FinishedCall rows, a few hundred KB) for a restart.
 FINISHED_MEMORY = 5_000
 
 #: Causes kept of a call's ended legs (a queue call can ring hundreds).
@@ -205,9 +206,9 @@ class Call:
 
 @dataclass(frozen=True)
 class FinishedCall:
-    """The legs of a finished call, saved in its row of the outbox's ``calls``
-    table while they are remembered (FINISHED_MEMORY): a restart still drops
-    the call's late events and the B-legs a resync lists."""
+    """The legs of a finished call, kept in the outbox's ``finished`` table
+    (the latest FINISHED_MEMORY calls): a restart still drops the call's late
+    events and the B-legs a resync lists."""
 
     call_id: str
     legs: tuple[str, ...]
@@ -254,6 +255,7 @@ class CallTracker:
         # a late event for one of them must not start a second Zammad call.
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._finished_legs: dict[str, list[str]] = {}  # call_id -> its legs, as saved
+        self._newly_finished: list[tuple[str, str]] = []  # (call_id, FinishedCall json)
         self.dirty: set[str] = set()
         self._cleaned_logged: set[tuple[str, str]] = set()  # (field, problem) already logged
         for saved in calls:
@@ -262,9 +264,7 @@ class CallTracker:
                     self._remember_finished(uuid, saved.call_id)
             else:
                 self._adopt(saved)
-        # What was loaded is on disk already; only rows of legs forgotten while
-        # loading (a smaller FINISHED_MEMORY) are to be deleted.
-        self.dirty = {call_id for call_id in self.dirty if call_id not in self._finished_legs}
+        self.dirty.clear()  # what was loaded is on disk already
 
     # -- public ---------------------------------------------------------
 
@@ -353,33 +353,29 @@ class CallTracker:
         return events
 
     def dirty_rows(self) -> tuple[list[tuple[str, str]], list[str]]:
-        """The changed calls to save: ([(call_id, json)], [forgotten call_id]).
+        """The changed calls to save: ([(call_id, json)], [ended call_id]).
 
-        A live call is saved as its state; a finished one, while its legs
-        are remembered, as a :class:`FinishedCall` in the same row (the
-        write that used to delete it), so that a restart still ignores its
-        late events; the row goes when its legs fall out of FINISHED_MEMORY.
         The caller clears ``dirty`` once they are written."""
         upserts, deletes = [], []
         for call_id in self.dirty:
-            row = self._row(call_id)
-            if row is None:
+            call = self.calls.get(call_id)
+            if call is None:
                 deletes.append(call_id)
             else:
-                upserts.append((call_id, row))
+                upserts.append((call_id, call.to_json()))
         return upserts, deletes
 
-    def saved_rows(self) -> dict[str, str]:
-        """Every row of the ``calls`` table once the dirty ones are written."""
-        return {call_id: row for call_id in {*self.calls, *self._finished_legs}
-                if (row := self._row(call_id)) is not None}
+    def take_finished(self) -> list[tuple[str, str]]:
+        """Calls finished since the last call: (call_id, :class:`FinishedCall` json), to be
+        kept beside the calls in progress (the latest FINISHED_MEMORY of them), so that a
+        restart still ignores their late events."""
+        finished, self._newly_finished = self._newly_finished, []
+        return finished
 
-    def _row(self, call_id: str) -> str | None:
-        call = self.calls.get(call_id)
-        if call is not None:
-            return call.to_json()
-        legs = self._finished_legs.get(call_id)
-        return None if legs is None else FinishedCall(call_id, tuple(legs)).to_json()
+    def saved_rows(self) -> dict[str, str]:
+        """Every row of the ``calls`` table (the calls in progress) once the dirty ones
+        are written."""
+        return {call_id: call.to_json() for call_id, call in self.calls.items()}
 
     def leg_ids(self) -> set[str]:
         return set(self._leg_call)
@@ -764,20 +760,22 @@ class CallTracker:
             if self._leg_call.get(uuid) == call.call_id:
                 del self._leg_call[uuid]
             self._remember_finished(uuid, call.call_id)
+        legs = self._finished_legs.get(call.call_id)
+        if legs:
+            self._newly_finished.append(
+                (call.call_id, FinishedCall(call.call_id, tuple(legs)).to_json()))
 
     def _remember_finished(self, uuid: str, call_id: str) -> None:
         if uuid in self._finished:
             return
         self._finished[uuid] = call_id
         self._finished_legs.setdefault(call_id, []).append(uuid)
-        self.dirty.add(call_id)
         if len(self._finished) > FINISHED_MEMORY:
             oldest, oldest_call = self._finished.popitem(last=False)
-            # Legs go in the order they came: the call's last one gone, all are,
-            # and its saved row goes (see dirty_rows); until then it stays as written.
+            # Legs go in the order they came: the call's last one gone, all are.
+            # (The outbox keeps as many finished calls and drops the oldest.)
             if self._finished_legs[oldest_call][-1] == oldest:
                 del self._finished_legs[oldest_call]
-                self.dirty.add(oldest_call)
 
     def _mapped_login(self, call: Call, *extensions: str) -> str:
         """ZAMMAD_AGENTS' login for the first of ``extensions`` it maps."""

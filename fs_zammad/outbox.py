@@ -55,6 +55,11 @@ CREATE TABLE IF NOT EXISTS calls (
     call_id TEXT PRIMARY KEY,
     state TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS finished (
+    id INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL,
+    legs TEXT NOT NULL
+);
 """
 
 HELD = "held: an earlier event of this call failed"
@@ -379,8 +384,15 @@ class Outbox:
         return True
 
     def record(self, events: Iterable, upsert_calls: Sequence[tuple[str, str]] = (),
-               delete_calls: Sequence[str] = (), now: float | None = None) -> int:
+               delete_calls: Sequence[str] = (), now: float | None = None,
+               finished_calls: Sequence[tuple[str, str]] = (),
+               keep_finished: int = 5_000) -> int:
         """Store new Zammad events and call state in one transaction.
+
+        ``finished_calls`` (call_id, legs) are appended to the ``finished``
+        table, which keeps the latest ``keep_finished``: apart from the calls
+        in progress, so that their table stays small (appending at one end and
+        dropping at the other touches few pages).
 
         Returns how many events were refused because the outbox is full (or
         the disk is, and HELD_MAX events wait in memory already): new calls
@@ -401,6 +413,7 @@ class Outbox:
             admitted.append(event)
         refused = len(events) - len(admitted)
         upsert_calls, delete_calls = list(upsert_calls), list(delete_calls)
+        finished_calls = list(finished_calls)
 
         def write(db: sqlite3.Connection) -> int:
             added = 0
@@ -419,6 +432,11 @@ class Outbox:
                                upsert_calls)
             if delete_calls:
                 db.executemany("DELETE FROM calls WHERE call_id=?", [(c,) for c in delete_calls])
+            if finished_calls:
+                db.executemany("INSERT INTO finished (call_id, legs) VALUES (?, ?)",
+                               finished_calls)
+                db.execute("DELETE FROM finished WHERE id <= (SELECT max(id) FROM finished) - ?",
+                           (keep_finished,))
             return added
 
         if self._held:
@@ -568,6 +586,10 @@ class Outbox:
 
     def load_calls(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT state FROM calls")]
+
+    def load_finished(self) -> list[str]:
+        """The finished calls kept (see record), oldest first."""
+        return [r[0] for r in self.db.execute("SELECT legs FROM finished ORDER BY id")]
 
 
 def _fields(text: str) -> list:

@@ -21,6 +21,7 @@ from gevent.event import Event
 
 from fs_zammad import metrics, voicemail
 from fs_zammad.calls import (
+    FINISHED_MEMORY,
     HEADER_PREFIXES_READ,
     Call,
     CallTracker,
@@ -130,7 +131,7 @@ class Service:
         """Calls in progress at the last stop, and the legs of recently finished
         ones (their late events stay ignored); an unreadable one is logged and skipped."""
         calls = []
-        for text in self.outbox.load_calls():
+        for text in self.outbox.load_calls() + self.outbox.load_finished():
             try:
                 calls.append(saved_state(text))
             except (ValueError, TypeError, KeyError) as exc:
@@ -216,12 +217,14 @@ class Service:
         if not events and not tracker.dirty:
             return
         upserts, deletes = tracker.dirty_rows()
+        finished = tracker.take_finished()
         # A call whose saved form did not change need not be written again.
         saved = self._saved
         upserts = [(call_id, text) for call_id, text in upserts if saved.get(call_id) != hash(text)]
         # A disk that does not take them keeps them in the outbox's memory (bounded).
-        refused = self.outbox.record(events, upserts, deletes) if events or upserts or deletes \
-            else 0
+        refused = self.outbox.record(events, upserts, deletes, finished_calls=finished,
+                                     keep_finished=FINISHED_MEMORY) \
+            if events or upserts or deletes or finished else 0
         for call_id, text in upserts:
             saved[call_id] = hash(text)
         for call_id in deletes:

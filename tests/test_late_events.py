@@ -140,19 +140,24 @@ def test_any_order_subset_or_repeat_never_makes_a_second_call(story):
 
 
 class SavedCalls:
-    """The outbox's ``calls`` table as the service keeps it: the tracker's
-    ``dirty_rows`` written after every event, read back at a restart."""
+    """The outbox's ``calls`` and ``finished`` tables as the service keeps them:
+    the tracker's ``dirty_rows`` and ``take_finished`` written after every event
+    (the latest FINISHED_MEMORY finished calls kept), read back at a restart."""
 
     def __init__(self):
         self.rows: dict[str, str] = {}
+        self.finished: list[str] = []
         self.writes = 0
 
     def save(self, tracker):
         upserts, deletes = tracker.dirty_rows()
+        finished = tracker.take_finished()
         self.rows.update(upserts)
         for call_id in deletes:
             self.rows.pop(call_id, None)
-        self.writes += len(upserts) + len(deletes)
+        self.finished = (self.finished + [legs for _, legs in finished])[
+            -calls_module.FINISHED_MEMORY:]
+        self.writes += len(upserts) + len(deletes) + len(finished)
         tracker.dirty.clear()
 
     def feed(self, tracker, events, start=1000.0):
@@ -163,7 +168,8 @@ class SavedCalls:
         return sent
 
     def restart(self, rules):
-        return CallTracker(rules, [saved_state(text) for text in self.rows.values()])
+        return CallTracker(rules, [saved_state(text)
+                                   for text in [*self.rows.values(), *self.finished]])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -318,40 +324,35 @@ def _missed_call_events(n):
     return missed_call(f"49301{n:06d}")[1]
 
 
-def test_finished_legs_saved_are_bounded_and_cost_one_delete_per_call(monkeypatch):
-    """Each event writes its call's row, as before (a finished call's row now
-    holds its legs where it used to be deleted); the only extra write is one
-    delete per call when its legs fall out of FINISHED_MEMORY. What is saved
-    stays within FINISHED_MEMORY legs, and after a restart the late events of
-    every call saved change nothing."""
+def test_finished_calls_saved_are_bounded_and_cost_one_write_per_call(monkeypatch):
+    """Each event writes its call's row, as before; a finished call adds one row
+    to the ``finished`` table, which keeps the latest FINISHED_MEMORY. After a
+    restart the late events of the calls remembered change nothing."""
     from tests.test_faults import answered_call
     monkeypatch.setattr(calls_module, "FINISHED_MEMORY", 50)
     saved, tracker, events, stories = SavedCalls(), CallTracker(), 0, []
-    for n in range(100):                         # two legs a call: the last 25 fit
+    for n in range(100):                         # two legs a call: the last 25 fit in memory
         _, _, start, end = answered_call(f"49301{n:06d}")
         sent = saved.feed(tracker, start + end)
         assert [e.name for e in sent] == ["newCall", "answer", "hangup"]
         events += len(start + end)
         stories.append(start + end)
-    assert saved.writes == events + 75
-    assert len(saved.rows) == 25
-    assert sum(len(json.loads(text)["finished"]) for text in saved.rows.values()) == 50
+    assert saved.writes == events + 100
+    assert saved.rows == {} and len(saved.finished) == 50
     restarted = saved.restart(TrackerRules())
-    assert restarted.dirty_rows() == ([], [])    # nothing to write after loading
+    assert restarted.dirty_rows() == ([], []) and restarted.take_finished() == []
     late = [headers for story in stories[-25:] for headers in story]
     assert saved.feed(restarted, late, 9000.0) == [] and restarted.calls == {}
 
 
-def test_a_smaller_memory_after_a_restart_deletes_the_rows_beyond_it(monkeypatch):
-    saved, tracker = SavedCalls(), CallTracker()
-    for n in range(30):
-        saved.feed(tracker, _missed_call_events(n))
-    monkeypatch.setattr(calls_module, "FINISHED_MEMORY", 10)
-    restarted = saved.restart(TrackerRules())
-    upserts, deletes = restarted.dirty_rows()
-    assert upserts == [] and len(deletes) == 20
-    saved.save(restarted)
-    assert len(saved.rows) == 10
+def test_the_outbox_keeps_the_latest_finished_calls(tmp_path):
+    from fs_zammad.outbox import Outbox
+
+    box = Outbox(tmp_path / "o.sqlite3")
+    for n in range(10):
+        box.record([], finished_calls=[(f"c{n}", f'{{"call_id":"c{n}","finished":["l{n}"]}}')],
+                   keep_finished=3)
+    assert [json.loads(text)["call_id"] for text in box.load_finished()] == ["c7", "c8", "c9"]
 
 
 def _ended_call(kind):
