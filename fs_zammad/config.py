@@ -158,13 +158,15 @@ class Settings:
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str:
+    """``name``, or the content of the file ``name_FILE`` names (which wins)."""
     path = env.get(f"{name}_FILE", "").strip()
     if path:
         try:
             return Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
-    return env.get(name, DEFAULTS[name]).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {why}") from None
+    return env.get(name, DEFAULTS.get(name, "")).strip()
 
 
 def _number(env, name, kind=float, low=0.0, high=None):
@@ -202,11 +204,7 @@ def _words(env, name) -> frozenset[str]:
 
 
 def _zammad_url(env, name: str = "ZAMMAD_CTI_URL") -> str:
-    path = env.get(f"{name}_FILE", "").strip()
-    url = Path(path).read_text(encoding="utf-8").strip() if path and Path(path).is_file() \
-        else env.get(name, "").strip()
-    if path and not Path(path).is_file():
-        raise ConfigError(f"{name}_FILE: cannot read {path}")
+    url = _read_secret(env, name)
     if not url:
         return ""
     parts = urlsplit(url)
@@ -221,7 +219,7 @@ def _zammad_url(env, name: str = "ZAMMAD_CTI_URL") -> str:
 
 def url_variable(instance: str) -> str:
     """The variable that holds an instance's CTI URL ("" = the default one)."""
-    return "ZAMMAD_CTI_URL_" + instance.upper().replace("-", "_") if instance else "ZAMMAD_CTI_URL"
+    return "ZAMMAD_CTI_URL" + _suffix(instance)
 
 
 def _instances(env, default_url: str) -> dict[str, str]:
@@ -253,13 +251,9 @@ def _api(env, instances: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     for name in ["", *(n for n in instances if n)]:
         suffix = _suffix(name)
         token_var, url_var = "ZAMMAD_API_TOKEN" + suffix, "ZAMMAD_API_URL" + suffix
-        path = env.get(f"{token_var}_FILE", "").strip()
-        try:
-            token = Path(path).read_text(encoding="utf-8").strip() if path \
-                else env.get(token_var, "").strip()
-        except (OSError, UnicodeDecodeError):
-            raise ConfigError(f"{token_var}_FILE: cannot read {path}") from None
+        token = _read_secret(env, token_var)
         url = _http_url(env, url_var)
+        path = env.get(f"{token_var}_FILE", "").strip()
         if path and not token:
             raise ConfigError(f"{token_var}_FILE: {path} is empty")
         if not token:
