@@ -218,7 +218,7 @@ def classify(event: str, status: int, body: str, content_type: str = "applicatio
     return Outcome(FAILED, status, text or f"HTTP {status}")
 
 
-def _network_outcome(exc: requests.RequestException) -> Outcome:
+def network_outcome(exc: requests.RequestException) -> Outcome:
     """Connection trouble: was the request possibly received?"""
     text = " ".join(str(exc).split())
     if isinstance(exc, requests.exceptions.SSLError):
@@ -305,7 +305,7 @@ class ZammadClient:
                                          allow_redirects=False)
             body = _decoded(response)
         except requests.RequestException as exc:
-            outcome = _network_outcome(exc)
+            outcome = network_outcome(exc)
         else:
             headers = response.headers
             outcome = classify(event, response.status_code, body,

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from fs_zammad.zammad import error_text, zammad_session
+from fs_zammad.zammad import error_text, network_outcome, zammad_session
 
 #: ApiError kinds: what trying again can do.
 DOWN = "down"              # not processed (no connection, 502/503/504): try later
@@ -122,21 +122,11 @@ class ZammadApi:
         try:
             response = self.session.request(method, self.base_url + path, timeout=self.timeout,
                                             allow_redirects=False, **kwargs)
-        except requests.exceptions.ConnectTimeout:
-            raise ApiError(DOWN, 0, "connect timed out") from None
-        except requests.exceptions.SSLError as exc:
-            raise ApiError(DOWN, 0, f"TLS error: {str(exc)[:160]}") from None
-        except requests.exceptions.ConnectionError as exc:
-            text = str(exc)
-            if any(w in text for w in ("NewConnectionError", "NameResolution", "refused")):
-                raise ApiError(DOWN, 0, "connection refused, unreachable or unknown host") \
-                    from None
-            raise ApiError(MAYBE, 0, "connection lost during the request") from None
-        except requests.exceptions.Timeout:
-            raise ApiError(MAYBE, 0, "no answer in time (the request may have been "
-                                     "processed)") from None
         except requests.RequestException as exc:
-            raise ApiError(DOWN, 0, str(exc)[:160]) from None
+            # The same verdict as for a CTI event: could the request have arrived?
+            outcome = network_outcome(exc)
+            raise ApiError(MAYBE if outcome.maybe_processed else DOWN, 0, outcome.detail) \
+                from None
         if response.status_code != ok:
             raise api_error(response.status_code, response.text)
         try:

@@ -106,7 +106,7 @@ def test_each_answer_and_what_becomes_of_the_event(status, ctype, body, event, k
     assert disposition(outcome, once=True) == fate_once
 
 
-NETWORK = [  # the client's own outcomes without an HTTP answer (see _network_outcome)
+NETWORK = [  # the client's own outcomes without an HTTP answer (see network_outcome)
     (Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable"), WAIT),
     (Outcome(ZAMMAD_DOWN, 0, "DNS lookup failed for Zammad's host"), WAIT),
     (Outcome(ZAMMAD_DOWN, 0, "TLS error: [SSL: WRONG_VERSION_NUMBER]"), WAIT),
