@@ -320,7 +320,7 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
     """
     import sqlite3
 
-    from fs_zammad.outbox import Outbox, ServiceLock
+    from fs_zammad.outbox import Outbox, ServiceLock, is_damage
 
     path = settings.state_dir / "outbox.sqlite3"
     try:
@@ -338,7 +338,7 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
             outbox.close()
     except sqlite3.Error as exc:
         text = str(exc)
-        if "malformed" in text or "not a database" in text or "no such table" in text:
+        if is_damage(exc) or "no such table" in text:  # (no outbox in that file)
             hint = ("it is damaged: the service moves it aside at its next start and carries "
                     "over what can still be read (restart it)")
         elif "readonly" in text or "unable to open" in text:
