@@ -1,14 +1,14 @@
 """One POST to Zammad's CTI endpoint -> an Outcome.
 
-``ZammadClient`` owns the keep-alive ``requests.Session`` and nothing else:
-retry timing and ordering belong to delivery.py. ``classify`` is pure and
+``ZammadHttp`` owns the keep-alive connections to one Zammad and nothing
+else: retry timing and ordering belong to delivery.py. ``classify`` is pure and
 holds everything we know about the answers (see
 ``shared/reference/zammad-cti-api.md`` and the README's table):
 
 * Only Zammad's own answer counts as delivered: a 200 whose body is a JSON
   object with a JSON Content-Type (``{}`` or the reject/dial action).
-  Any other 2xx, and every 3xx (never followed: requests would turn the
-  POST into a GET), is ``not_zammad``: something else is in the way.
+  Any other 2xx, and every 3xx (never followed: a client that follows would turn
+  the POST into a GET), is ``not_zammad``: something else is in the way.
 * 401 (token) and 422 (CTI disabled, not configured, bad field) with
   Zammad's JSON error are configuration errors: no retry fixes them. A
   401/403/404 page from something else is ``not_zammad``.
@@ -30,13 +30,15 @@ import logging
 import os
 import re
 import time
+import urllib.request
+import warnings
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3 as u3
+from urllib3 import exceptions as u3x
 
 from fs_zammad import __version__
 from fs_zammad.config import redact_url
@@ -218,73 +220,127 @@ def classify(event: str, status: int, body: str, content_type: str = "applicatio
     return Outcome(FAILED, status, text or f"HTTP {status}")
 
 
-def network_outcome(exc: requests.RequestException) -> Outcome:
-    """Connection trouble: was the request possibly received?"""
+def network_outcome(exc: Exception) -> Outcome:
+    """Connection trouble (urllib3's exceptions; an OSError that escaped them): was the
+    request possibly received? Only a failure before it left proves it was not."""
     text = " ".join(str(exc).split())
-    if isinstance(exc, requests.exceptions.SSLError):
-        # urllib3 wraps the reason in a long pool description: keep the reason.
+    if isinstance(exc, u3x.ProxyError):  # urllib3 raises it only before reaching the proxy
+        return Outcome(ZAMMAD_DOWN, 0, f"proxy unreachable: {text[:180]}")
+    if isinstance(exc, u3x.SSLError):  # the handshake failed: nothing was sent
         reason = re.search(r"\[SSL: [A-Z_]+\][^'\")]*", text)
         return Outcome(ZAMMAD_DOWN, 0, f"TLS error: {(reason.group(0) if reason else text)[:200]}")
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if isinstance(exc, u3x.NameResolutionError):
+        return Outcome(ZAMMAD_DOWN, 0, "DNS lookup failed for Zammad's host")
+    if isinstance(exc, u3x.NewConnectionError):  # (a subclass of ConnectTimeoutError)
+        if "timed out" in text:
+            return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
+        return Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable")
+    if isinstance(exc, u3x.ConnectTimeoutError):
         return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
-    if isinstance(exc, requests.exceptions.ReadTimeout):
+    if isinstance(exc, u3x.ReadTimeoutError):
+        # (urllib3 reports a TLS handshake that times out the same way: a hangup is
+        # then held as unsure although nothing was sent; never the other way round.)
         return Outcome(ZAMMAD_DOWN, 0, "no answer in time (the request may have been processed)",
                        maybe_processed=True)
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        reason = repr(getattr(exc.args[0], "reason", exc.args[0])) if exc.args else text
-        if any(word in reason for word in ("NewConnectionError", "NameResolution", "refused")):
-            if "NameResolution" in reason or "Name or service" in text:
-                return Outcome(ZAMMAD_DOWN, 0, "DNS lookup failed for Zammad's host")
-            return Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable")
-        return Outcome(ZAMMAD_DOWN, 0, f"connection lost during the request: {text[:160]}",
-                       maybe_processed=True)
-    # Anything else (a body cut short, a bad chunk) came after the request left.
-    return Outcome(ZAMMAD_DOWN, 0, text[:200], maybe_processed=True)
+    if "Tunnel connection failed" in text:  # the proxy refused CONNECT: Zammad saw nothing
+        return Outcome(ZAMMAD_DOWN, 0, f"proxy refused the tunnel: {text[:160]}")
+    # Anything else (a connection reset or closed, a body cut short, a bad chunk)
+    # came after the request left.
+    return Outcome(ZAMMAD_DOWN, 0, f"connection lost during the request: {text[:160]}",
+                   maybe_processed=True)
 
 
-def _decoded(response: requests.Response) -> str:
-    """The body as text; not ``.text``, whose charset guessing is slow on big pages."""
+def _decoded(body: bytes, content_type: str) -> str:
+    """The body as text, in the charset its Content-Type names (UTF-8 otherwise)."""
+    found = re.search(r"charset=[\"']?([\w.:-]+)", content_type or "", re.I)
     try:
-        return response.content.decode(response.encoding or "utf-8", "replace")
+        return body.decode(found.group(1) if found else "utf-8", "replace")
     except LookupError:  # a charset Python does not know
-        return response.content.decode("utf-8", "replace")
+        return body.decode("utf-8", "replace")
 
 
-def zammad_session(url: str, verify: bool | str = True, pool_size: int = 8) -> requests.Session:
-    """A keep-alive session to one Zammad (CTI endpoint or REST API)."""
-    session = requests.Session()
-    # requests reads proxy and CA variables from the environment on every
-    # request unless told otherwise: read them once, here.
-    session.trust_env = False
-    session.proxies = requests.utils.get_environ_proxies(url)
-    if verify is True:
-        verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") \
-            or True
-    session.verify = verify
-    session.headers.update({
-        "Accept": "application/json",  # Zammad answers errors as JSON, not HTML pages
-        "User-Agent": f"fs-zammad/{__version__}",
-    })
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+class ZammadHttp:
+    """Keep-alive HTTP/1.1 connections to one Zammad (its CTI endpoint or REST API).
+
+    One urllib3 pool owns connection reuse, TLS and timeouts; there are no
+    retries and no redirects here (delivery decides what is sent again, and a
+    redirect is an answer to report). Callers say method, path and body. Proxy
+    and CA variables of the environment are read once, here: requests read
+    them on every request, and its Session cost more CPU per POST than
+    everything else fs-zammad does for an event (bench/README.md)."""
+
+    def __init__(self, url: str, timeout: tuple[float, float], verify: bool | str = True,
+                 pool_size: int = 8, headers: dict[str, str] | None = None):
+        parts = urlsplit(url)
+        netloc = (parts.hostname or "") if ":" not in (parts.hostname or "") \
+            else f"[{parts.hostname}]"
+        self.origin = f"{parts.scheme}://{netloc}" + (f":{parts.port}" if parts.port else "")
+        self.timeout = u3.Timeout(connect=timeout[0], read=timeout[1])
+        self.headers = {"Accept": "application/json",  # Zammad answers errors as JSON
+                        "User-Agent": f"fs-zammad/{__version__}", **(headers or {})}
+        if verify is True:
+            verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") \
+                or True
+        tls = {"cert_reqs": "CERT_REQUIRED" if verify else "CERT_NONE",
+               "ca_certs": verify if isinstance(verify, str) else None}
+        if not verify and parts.scheme == "https":  # the admin's choice: said once, here
+            warnings.simplefilter("ignore", u3x.InsecureRequestWarning)
+            log.warning("%s: Zammad's TLS certificate is not verified (ZAMMAD_TLS_VERIFY=false)",
+                        self.origin)
+        proxy = "" if urllib.request.proxy_bypass(parts.hostname or "") \
+            else urllib.request.getproxies().get(parts.scheme, "")
+        if proxy:
+            auth = u3.util.parse_url(proxy).auth
+            self.manager = u3.ProxyManager(
+                proxy, num_pools=1, maxsize=pool_size, retries=False,
+                proxy_headers=u3.make_headers(proxy_basic_auth=unquote(auth)) if auth else None,
+                **tls)
+            self._pool = None  # the manager puts each request in the form the proxy needs
+        else:
+            self.manager = u3.PoolManager(num_pools=1, maxsize=pool_size, retries=False, **tls)
+            self._pool = self.manager.connection_from_url(self.origin)
+        self._last_used = 0.0
+
+    def request(self, method: str, path: str, body: bytes | str | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, str, dict]:
+        """-> (status, body text, headers); raises what network_outcome reads."""
+        now = time.monotonic()
+        if now - self._last_used > KEEPALIVE_IDLE:
+            # Zammad's servers close idle keep-alive connections (puma after
+            # 20 s); a request racing that close may or may not have been
+            # read, which would make a hangup unsure. Start afresh instead.
+            self.manager.clear()
+            if self._pool is not None:
+                self._pool = self.manager.connection_from_url(self.origin)
+        self._last_used = now
+        send = self._pool.urlopen if self._pool is not None else self.manager.urlopen
+        target = path if self._pool is not None else self.origin + path
+        response = send(method, target, body=body,
+                        headers={**self.headers, **headers} if headers else self.headers,
+                        retries=False, redirect=False, timeout=self.timeout,
+                        assert_same_host=False)
+        content_type = response.headers.get("Content-Type", "")
+        return response.status, _decoded(response.data, content_type), response.headers
+
+    def close(self) -> None:
+        self.manager.clear()
 
 
 class ZammadClient:
-    """Posts form-encoded CTI events over one keep-alive session."""
+    """Posts form-encoded CTI events to one Zammad."""
 
     def __init__(self, url: str, timeout: float = 10.0, verify: bool | str = True,
                  connect_timeout: float = 5.0, pool_size: int = 8,
                  setting: str = "ZAMMAD_CTI_URL"):
         self.url = url
         self.setting = setting  # the variable the admin fixes: named in our errors
-        self.timeout = (min(connect_timeout, timeout), timeout)
-        self.session = zammad_session(url, verify, pool_size)
+        self.http = ZammadHttp(url, (min(connect_timeout, timeout), timeout), verify, pool_size,
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+        parts = urlsplit(url)
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         token = url.rstrip("/").rpartition("/")[2]
         # Zammad (and proxies) echo the path in their errors: no detail carries the token.
         self._redact = Redactor([token])
-        self._last_used = 0.0
 
     @property
     def redacted_url(self) -> str:
@@ -293,23 +349,12 @@ class ZammadClient:
     def post(self, fields: tuple[tuple[str, str], ...]) -> Outcome:
         event = dict(fields).get("event", "")
         started = time.monotonic()
-        if started - self._last_used > KEEPALIVE_IDLE:
-            # Zammad's servers close idle keep-alive connections (puma after
-            # 20 s); a request racing that close may or may not have been
-            # read, which would make a hangup unsure. Start afresh instead.
-            self.session.close()
-        self._last_used = started
         try:
-            # Never follow a redirect: requests would resend the POST as a GET.
-            response = self.session.post(self.url, data=list(fields), timeout=self.timeout,
-                                         allow_redirects=False)
-            body = _decoded(response)
-        except requests.RequestException as exc:
+            status, body, headers = self.http.request("POST", self._path, urlencode(fields))
+        except (u3x.HTTPError, OSError) as exc:
             outcome = network_outcome(exc)
         else:
-            headers = response.headers
-            outcome = classify(event, response.status_code, body,
-                               headers.get("Content-Type", ""),
+            outcome = classify(event, status, body, headers.get("Content-Type", ""),
                                location=headers.get("Location", ""),
                                retry_after=parse_retry_after(headers.get("Retry-After", ""),
                                                              time.time()),
@@ -320,7 +365,7 @@ class ZammadClient:
                        outcome.maybe_processed, outcome.retry_after)
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
 
 
 class DryRunClient:

@@ -5,7 +5,7 @@ Zammad matched for a call and creating a ticket for a voicemail need the REST
 API with an access token (``Authorization: Token token=...``). Facts and
 their sources: ``shared/reference/zammad-rest-api.md`` (§ numbers below).
 
-``ZammadApi`` owns one keep-alive ``requests.Session``; each method says what
+``ZammadApi`` owns one ``zammad.ZammadHttp`` (keep-alive connections); each method says what
 it finds or makes and raises :class:`ApiError` when Zammad does not give it.
 Nothing here retries or waits: that is the caller's (a job's) business, and
 :attr:`ApiError.kind` tells it whether trying again can help.
@@ -14,14 +14,15 @@ Nothing here retries or waits: that is the caller's (a job's) business, and
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import requests
+import urllib3
 
-from fs_zammad.zammad import error_text, network_outcome, zammad_session
+from fs_zammad.zammad import ZammadHttp, error_text, network_outcome
 
 #: ApiError kinds: what trying again can do.
 DOWN = "down"              # not processed (no connection, 502/503/504): try later
@@ -104,9 +105,10 @@ class ZammadApi:
     def __init__(self, base_url: str, token: str, timeout: float = 10.0,
                  verify: bool | str = True, connect_timeout: float = 5.0):
         self.base_url = base_url.rstrip("/")
-        self.timeout = (min(connect_timeout, timeout), timeout)
-        self.session = zammad_session(self.base_url, verify, pool_size=2)
-        self.session.headers["Authorization"] = f"Token token={token}"  # §1: the safe form
+        self._path = urlsplit(self.base_url).path
+        self.http = ZammadHttp(self.base_url, (min(connect_timeout, timeout), timeout), verify,
+                               pool_size=2,
+                               headers={"Authorization": f"Token token={token}"})  # §1
 
     @property
     def shown_url(self) -> str:
@@ -116,25 +118,30 @@ class ZammadApi:
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
 
-    def _call(self, method: str, path: str, ok: int = 200, **kwargs) -> Any:
+    def _call(self, method: str, path: str, ok: int = 200, params: dict | None = None,
+              json_body: Any = None) -> Any:
+        target = self._path + path + (f"?{urlencode(params)}" if params else "")
+        body, headers = None, None
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers = {"Content-Type": "application/json"}
         try:
-            response = self.session.request(method, self.base_url + path, timeout=self.timeout,
-                                            allow_redirects=False, **kwargs)
-        except requests.RequestException as exc:
+            status, text, _ = self.http.request(method, target, body, headers)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             # The same verdict as for a CTI event: could the request have arrived?
             outcome = network_outcome(exc)
             raise ApiError(MAYBE if outcome.maybe_processed else DOWN, 0, outcome.detail) \
                 from None
-        if response.status_code != ok:
-            raise api_error(response.status_code, response.text)
+        if status != ok:
+            raise api_error(status, text)
         try:
-            return response.json()
+            return json.loads(text)
         except ValueError:
             # a 200 that is not JSON is not Zammad (a login page, a proxy)
-            raise ApiError(REFUSED, response.status_code,
-                           f"not Zammad's JSON: {error_text(response.text)[:80]}") from None
+            raise ApiError(REFUSED, status, f"not Zammad's JSON: {error_text(text)[:80]}") \
+                from None
 
     # -- who is who ------------------------------------------------------------
 
@@ -186,7 +193,7 @@ class ZammadApi:
         wanted = normalize_number(number)
         if len(wanted) < 6:
             return None
-        data = self._call("POST", "/api/v1/users/search", json={
+        data = self._call("POST", "/api/v1/users/search", json_body={
             "condition": {"user.phone": {"operator": "contains", "value": wanted}},
             "limit": SEARCH_MAX})
         return next((u for u in _records(data, "user")
@@ -197,7 +204,7 @@ class ZammadApi:
         Zammad then knows the number as that user's caller id. Phones are not
         unique in Zammad: look first."""
         return self._call("POST", "/api/v1/users", ok=201,
-                          json={"phone": "+" + normalize_number(number)})
+                          json_body={"phone": "+" + normalize_number(number)})
 
     def customer_for_phone(self, number: str) -> dict:
         """The customer with this phone number, created if Zammad has none."""
@@ -227,14 +234,14 @@ class ZammadApi:
             ticket["customer_id"] = customer_id
         elif customer:
             ticket["customer"] = customer
-        return self._call("POST", "/api/v1/tickets", ok=201, json=ticket)
+        return self._call("POST", "/api/v1/tickets", ok=201, json_body=ticket)
 
     def ticket_with_marker(self, marker: str) -> dict | None:
         """The ticket whose title holds ``marker``, found right after its creation:
         a ``condition`` search reads the database, a ``query`` search Zammad's
         background index (§5). A condition Zammad cannot read matches every
         ticket, so the hit's title is checked."""
-        data = self._call("POST", "/api/v1/tickets/search", json={
+        data = self._call("POST", "/api/v1/tickets/search", json_body={
             "condition": {"ticket.title": {"operator": "contains", "value": marker}},
             "limit": SEARCH_MAX})
         return next((t for t in _records(data, "ticket") if marker in str(t.get("title", ""))),

@@ -1,0 +1,218 @@
+"""The HTTP client itself (zammad.ZammadHttp under ZammadClient), against real sockets:
+each way a connection can fail gives the right verdict ("maybe processed" exactly when
+the request may have arrived), keep-alive connections are reused and renewed, and the
+environment's proxy settings are followed."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from fs_zammad import zammad
+from fs_zammad.zammad import DELIVERED, ZAMMAD_DOWN, ZammadClient
+
+TOKEN = "tok-51ab77c0"
+FIELDS = (("event", "hangup"), ("direction", "in"), ("callId", "c1"), ("cause", "cancel"))
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class RawServer:
+    """A TCP listener that runs ``script(conn, server)`` for each connection; it notes
+    every complete request it read (``requests``) and each connection (``connections``)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _run(self, conn):
+        with conn:
+            try:
+                self.script(conn, self)
+            except OSError:
+                pass
+
+    def read_request(self, conn) -> bytes:
+        """One whole request (head + Content-Length body), or b"" at EOF."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        self.requests.append(head + b"\r\n\r\n" + body)
+        return data
+
+    def url(self, host="127.0.0.1", scheme="http") -> str:
+        return f"{scheme}://{host}:{self.port}/api/v1/cti/{TOKEN}"
+
+    def close(self):
+        self.listener.close()
+
+
+def closes_at_once(conn, server):
+    pass
+
+
+def reads_then_closes(conn, server):
+    server.read_request(conn)
+
+
+def reads_then_hangs(conn, server):
+    server.read_request(conn)
+    time.sleep(2)
+
+
+def status_line_then_closes(conn, server):
+    server.read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+
+
+def body_cut_short(conn, server):
+    server.read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"a\":")
+
+
+def not_http(conn, server):
+    server.read_request(conn)
+    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+
+def bad_chunking(conn, server):
+    server.read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+
+
+def answers_400_to_anything(conn, server):
+    conn.recv(65536)   # a web server's answer to bytes it cannot read as HTTP
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def keep_alive(conn, server):
+    while server.read_request(conn):
+        conn.sendall(OK)
+
+
+# name -> (server script, words the detail holds)
+FAULTS = {
+    "closed before reading": (closes_at_once, "connection lost"),
+    "read, then closed": (reads_then_closes, "connection lost"),
+    "read, then no answer in time": (reads_then_hangs, "no answer in time"),
+    # http.client takes the end of the head for the end of the headers: an empty 200
+    "a status line, then closed": (status_line_then_closes, "answered HTTP 200"),
+    "a body cut short": (body_cut_short, "connection lost"),
+    "not HTTP at all": (not_http, "connection lost"),
+    "bad chunked encoding": (bad_chunking, "connection lost"),
+}
+
+
+@pytest.mark.parametrize("case", FAULTS)
+def test_a_request_that_may_have_arrived_is_never_called_not_sent(case):
+    script, words = FAULTS[case]
+    server = RawServer(script)
+    client = ZammadClient(server.url(), timeout=0.5)
+    try:
+        outcome = client.post(FIELDS)
+    finally:
+        client.close()
+        server.close()
+    assert outcome.kind != DELIVERED and words in outcome.detail, outcome
+    # The rule the outbox's once-hangups rely on: once the request may have been read,
+    # the answer is "maybe processed", never "not sent".
+    assert outcome.maybe_processed or not server.requests, (outcome, server.requests)
+    assert TOKEN not in outcome.detail
+
+
+def unused_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+# name -> (url, words): nothing can have left; the event simply waits
+NOT_SENT = {
+    "connection refused": (lambda: f"http://127.0.0.1:{unused_port()}/api/v1/cti/{TOKEN}",
+                           "connection refused or unreachable"),
+    "no such host": (lambda: f"http://no-such-host.invalid/api/v1/cti/{TOKEN}",
+                     "DNS lookup failed"),
+    "TLS to a plain HTTP port": (lambda: RawServer(answers_400_to_anything).url(scheme="https"),
+                                 "TLS error: [SSL"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_SENT)
+def test_a_request_that_never_left_is_not_sent(case):
+    url, words = NOT_SENT[case]
+    client = ZammadClient(url(), timeout=2)
+    try:
+        outcome = client.post(FIELDS)
+    finally:
+        client.close()
+    assert outcome.kind == ZAMMAD_DOWN and not outcome.maybe_processed, outcome
+    assert words in outcome.detail and TOKEN not in outcome.detail, outcome
+
+
+def test_one_connection_is_kept_and_renewed_after_idling(monkeypatch):
+    server = RawServer(keep_alive)
+    client = ZammadClient(server.url(), timeout=2)
+    try:
+        outcomes = [client.post(FIELDS) for _ in range(5)]
+        assert server.connections == 1
+        monkeypatch.setattr(zammad, "KEEPALIVE_IDLE", 0.05)
+        time.sleep(0.1)   # idle longer than a server keeps the connection: a fresh one
+        outcomes.append(client.post(FIELDS))
+        assert server.connections == 2
+    finally:
+        client.close()
+        server.close()
+    assert [o.kind for o in outcomes] == [DELIVERED] * 6
+    first = server.requests[0].decode()
+    assert first.startswith(f"POST /api/v1/cti/{TOKEN} HTTP/1.1\r\n"), first
+    assert "Content-Type: application/x-www-form-urlencoded" in first
+    assert first.endswith("event=hangup&direction=in&callId=c1&cause=cancel")
+
+
+def test_the_environments_proxy_is_used_unless_no_proxy_says_otherwise(monkeypatch):
+    zammad_server, proxy = RawServer(keep_alive), RawServer(keep_alive)
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+    try:
+        via_proxy = ZammadClient(zammad_server.url(), timeout=2)
+        assert via_proxy.post(FIELDS).kind == DELIVERED
+        via_proxy.close()
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        direct = ZammadClient(zammad_server.url(), timeout=2)
+        assert direct.post(FIELDS).kind == DELIVERED
+        direct.close()
+    finally:
+        zammad_server.close()
+        proxy.close()
+    # through the proxy: the absolute URL, and its credentials (user:p@ss)
+    assert len(proxy.requests) == 1, proxy.requests
+    head = proxy.requests[0].decode()
+    assert head.startswith(f"POST {zammad_server.url()} HTTP/1.1"), head
+    assert "proxy-authorization: basic dxnlcjpwqhnz" in head.lower(), head
+    assert len(zammad_server.requests) == 1  # NO_PROXY: straight to Zammad
