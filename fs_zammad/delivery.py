@@ -99,6 +99,7 @@ class Delivery:
         self._throttled = False
         self._down_failures = 0
         self._paused_until = 0.0
+        self._look_again = 0.0  # before then, a count of nothing pending is trusted
         self._reported: set[str] = set()
 
     @property
@@ -135,6 +136,13 @@ class Delivery:
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return 1.0
+        if self.outbox.pending <= len(self._inflight) and now < self._look_again:
+            # The outbox's own count says that nothing but our rows in flight is
+            # pending, for anyone: no read is needed to know nothing is ready. At a
+            # PBX's pace this is the state after most answers. Another process's
+            # changes (outbox retry) reach the count through the service's
+            # housekeeping, which wakes us; a full look once a second still runs.
+            return self._look_again - now
         # In-flight rows are skipped; the rest of their calls wait behind them.
         rows = self.outbox.ready(free, self._inflight, instance=self.instance)
         for row in rows:
@@ -142,6 +150,7 @@ class Delivery:
             self._pool.spawn(self._send, row)
         if rows:
             return 0.0 if len(rows) == free else 1.0
+        self._look_again = now + 1.0
         if not self._inflight:
             self.outbox.recount()
         # Rows due but not ready wait behind an event in flight (or a write the

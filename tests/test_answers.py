@@ -7,6 +7,7 @@ import json
 import logging
 import time
 
+import gevent
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -347,6 +348,52 @@ def test_the_client_passes_on_no_token(reply):
         assert server.requests[0].method == "POST" and len(server.requests) == 1  # not followed
     assert outcome.status == reply.status and token not in outcome.detail, outcome
     assert "***" in outcome.detail or "?…" in outcome.detail, outcome
+
+
+class CountingOutbox(Outbox):
+    """Counts the reads delivery makes to find what is ready."""
+
+    def __init__(self):
+        super().__init__(":memory:")
+        self.reads = 0
+
+    def ready(self, *args, **kwargs):
+        self.reads += 1
+        return super().ready(*args, **kwargs)
+
+
+def wait_until(done, seconds=5.0):
+    with gevent.Timeout(seconds, False):
+        while not done():
+            gevent.sleep(0.01)
+    return done()
+
+
+def test_delivery_trusts_a_count_of_nothing_pending_but_still_looks_each_second():
+    outbox = CountingOutbox()
+    client = ScriptedClient([])
+    delivery = Delivery(outbox, client)
+    runner = gevent.spawn(delivery.run)
+    try:
+        outbox.record([Missed("c1", "newCall", False)])
+        delivery.wake()
+        assert wait_until(lambda: outbox.pending == 0 and not delivery._inflight)
+        gevent.sleep(0.05)
+        reads = outbox.reads
+        for _ in range(20):   # woken with nothing pending (answers, other tenants' events)
+            delivery.wake()
+            gevent.sleep(0.001)
+        assert outbox.reads == reads  # no read to find out that nothing is ready
+        # a count that went wrong (or a change it missed) costs at most a second's wait
+        outbox.db.execute("INSERT INTO outbox (call_id, instance, event, fields, created, "
+                          "state) VALUES ('c2', '', 'newCall', '[[\"callId\", \"c2\"]]', "
+                          "0, 'pending')")
+        assert outbox.pending == 0
+        delivery.wake()
+        assert wait_until(lambda: len(client.sent) == 2)
+    finally:
+        runner.kill()
+    assert [f["callId"] for f in client.sent] == ["c1", "c2"]
 
 
 def test_delivery_holds_while_something_else_answers(caplog):
