@@ -138,7 +138,7 @@ class ZammadApi:
             raise api_error(status, text)
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested beyond reason
             # a 200 that is not JSON is not Zammad (a login page, a proxy)
             raise ApiError(REFUSED, status, f"not Zammad's JSON: {error_text(text)[:80]}") \
                 from None

@@ -216,3 +216,25 @@ def test_the_environments_proxy_is_used_unless_no_proxy_says_otherwise(monkeypat
     assert head.startswith(f"POST {zammad_server.url()} HTTP/1.1"), head
     assert "proxy-authorization: basic dxnlcjpwqhnz" in head.lower(), head
     assert len(zammad_server.requests) == 1  # NO_PROXY: straight to Zammad
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000, b"<html>login</html>"])
+def test_the_rest_client_turns_a_body_that_is_not_zammads_json_into_one_refusal(body):
+    from fs_zammad.zammad_api import REFUSED, ApiError, ZammadApi
+
+    def answers(conn, server):
+        server.read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+
+    server = RawServer(answers)
+    api = ZammadApi(f"http://127.0.0.1:{server.port}", TOKEN, timeout=2)
+    try:
+        with pytest.raises(ApiError) as refused:
+            api.me()
+    finally:
+        api.close()
+        server.close()
+    assert refused.value.kind == REFUSED and len(str(refused.value)) < 200
+    assert server.requests[0].startswith(b"GET /api/v1/users/me HTTP/1.1\r\n")
+    assert f"Authorization: Token token={TOKEN}".encode() in server.requests[0]
