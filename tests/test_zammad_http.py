@@ -84,26 +84,12 @@ def reads_then_hangs(conn, server):
     time.sleep(2)
 
 
-def status_line_then_closes(conn, server):
-    server.read_request(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\n")
-
-
-def body_cut_short(conn, server):
-    server.read_request(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 100\r\n\r\n{\"a\":")
-
-
-def not_http(conn, server):
-    server.read_request(conn)
-    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-
-
-def bad_chunking(conn, server):
-    server.read_request(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+def reads_then_sends(data: bytes):
+    """Reads the request, sends ``data``, closes."""
+    def script(conn, server):
+        server.read_request(conn)
+        conn.sendall(data)
+    return script
 
 
 def answers_400_to_anything(conn, server):
@@ -122,10 +108,14 @@ FAULTS = {
     "read, then closed": (reads_then_closes, "connection lost"),
     "read, then no answer in time": (reads_then_hangs, "no answer in time"),
     # http.client takes the end of the head for the end of the headers: an empty 200
-    "a status line, then closed": (status_line_then_closes, "answered HTTP 200"),
-    "a body cut short": (body_cut_short, "connection lost"),
-    "not HTTP at all": (not_http, "connection lost"),
-    "bad chunked encoding": (bad_chunking, "connection lost"),
+    "a status line, then closed": (reads_then_sends(b"HTTP/1.1 200 OK\r\n"), "answered HTTP 200"),
+    "a body cut short": (reads_then_sends(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                          b"Content-Length: 100\r\n\r\n{\"a\":"),
+                         "connection lost"),
+    "not HTTP at all": (reads_then_sends(b"SSH-2.0-OpenSSH_9.2\r\n"), "connection lost"),
+    "bad chunked encoding": (reads_then_sends(b"HTTP/1.1 200 OK\r\nContent-Type: application/json"
+                                              b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                              b"zz\r\n{}\r\n0\r\n\r\n"), "connection lost"),
 }
 
 
@@ -222,12 +212,8 @@ def test_the_environments_proxy_is_used_unless_no_proxy_says_otherwise(monkeypat
 def test_the_rest_client_turns_a_body_that_is_not_zammads_json_into_one_refusal(body):
     from fs_zammad.zammad_api import REFUSED, ApiError, ZammadApi
 
-    def answers(conn, server):
-        server.read_request(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-
-    server = RawServer(answers)
+    server = RawServer(reads_then_sends(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                        b"Content-Length: %d\r\n\r\n" % len(body) + body))
     api = ZammadApi(f"http://127.0.0.1:{server.port}", TOKEN, timeout=2)
     try:
         with pytest.raises(ApiError) as refused:
