@@ -575,12 +575,15 @@ class Outbox:
         self.pending += n
         return n
 
-    def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple]) -> None:
-        """Take over rows (as COLUMNS) and calls carried out of a damaged outbox."""
+    def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple],
+              finished: Sequence[tuple] = ()) -> None:
+        """Take over rows (as COLUMNS), calls and finished calls carried out of a
+        damaged outbox."""
         self.db.execute("BEGIN IMMEDIATE")
         self.db.executemany(f"INSERT OR IGNORE INTO outbox ({', '.join(COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(COLUMNS))})", rows)
         self.db.executemany("INSERT OR REPLACE INTO calls (call_id, state) VALUES (?, ?)", calls)
+        self.db.executemany("INSERT INTO finished (call_id, legs) VALUES (?, ?)", finished)
         self.db.execute("COMMIT")
         self.recount()
 

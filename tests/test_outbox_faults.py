@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from fs_zammad.calls import CallTracker
+from fs_zammad.calls import CallTracker, saved_state
 from fs_zammad.config import load_settings
 from fs_zammad.outbox import Outbox
 from fs_zammad.service import tracker_rules
@@ -400,6 +400,44 @@ def test_damaged_outbox_is_moved_aside_and_what_can_be_read_is_delivered(
     a, events = missed_call("4931799999")
     emit_all(fake_fs, events)
     zammad.wait_for(lambda: hangups_by_call(zammad).get(a.uuid) == 1, timeout=15)
+
+
+def test_a_damaged_outbox_carries_the_finished_calls_over(tmp_path, caplog):
+    """The finished calls kept for their late events (issue 11, point 8) are carried into
+    the fresh outbox like the calls in progress: a late event of one of them after the
+    salvage still makes no second Zammad call."""
+    from fs_zammad.salvage import open_outbox
+    path = tmp_path / "outbox.sqlite3"
+    tracker = CallTracker(tracker_rules(load_settings({"STATE_DIR": str(tmp_path)})))
+    box, now, hangups = Outbox(path), time.time(), []
+    for i in range(30):
+        a = synth.caller(cid=f"49317{i:05d}")
+        hangups.append(a.hangup("NORMAL_CLEARING", "recv_cancel"))
+        for h in (a.create(), a.execute("bridge"), hangups[-1]):
+            box.record(tracker.handle(h, now), *tracker.dirty_rows(),
+                       finished_calls=tracker.take_finished())
+            tracker.dirty.clear()
+    kept = box.load_finished()
+    assert len(kept) == 30
+    # Zero an index's root page: every table row stays readable, the file fails its check.
+    root = box.db.execute("SELECT rootpage FROM sqlite_master WHERE name='outbox_by_instance'"
+                          ).fetchone()[0]
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    with open(path, "r+b") as handle:
+        handle.seek((root - 1) * 4096)
+        handle.write(b"\0" * 4096)
+    with caplog.at_level("ERROR"):
+        fresh = open_outbox(path)
+    try:
+        assert any("was damaged" in r.getMessage() for r in caplog.records), caplog.text
+        assert fresh.load_finished() == kept
+        restarted = CallTracker(tracker_rules(load_settings({"STATE_DIR": str(tmp_path)})),
+                                [saved_state(text) for text in fresh.load_calls() + kept])
+        # each call's hangup once more, late: nothing for Zammad
+        assert [e for h in hangups for e in restarted.handle(h, now + 5)] == []
+    finally:
+        fresh.close()
 
 
 # -- a full disk ---------------------------------------------------------------------------
