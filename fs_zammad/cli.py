@@ -49,14 +49,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="only the legs of this call (its callId in Zammad and the log)")
     capture.add_argument("--all", action="store_true", dest="all_events",
                          help="every event, not only those fs-zammad reads")
-    outbox = sub.add_parser("outbox", help="show or replay events Zammad refused")
-    outbox.add_argument("action", choices=("list", "retry"))
-    outbox.add_argument("--call", metavar="CALL_ID", help="only this call (retry)")
+    outbox = sub.add_parser("outbox", help="show, replay or forget events Zammad refused")
+    outbox.add_argument("action", choices=("list", "retry", "drop"),
+                        help="drop: forget set-aside events for good (a call's, or every "
+                             "unsure hangup that Zammad's caller log shows arrived)")
+    outbox.add_argument("--call", metavar="CALL_ID", help="only this call (retry, drop)")
     outbox.add_argument("--unsure", action="store_true",
                         help="retry also hangups that may have reached Zammad (check Zammad's "
-                             "caller log first: a second hangup turns a missed call into done)")
+                             "caller log first: a second hangup turns a missed call into done); "
+                             "drop: every unsure hangup")
     outbox.add_argument("--yes", action="store_true",
-                        help="retry --unsure without --call: do not ask for confirmation")
+                        help="--unsure without --call: do not ask for confirmation")
     return parser
 
 
@@ -328,10 +331,16 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
             print(f"no outbox at {path} (STATE_DIR): nothing stored yet, or STATE_DIR is not "
                   "the service's")
             return EXIT_OK
-        outbox = Outbox.for_cli(path, write=action == "retry")
+        if action == "drop" and call_id is None and not unsure:
+            print("fs-zammad: outbox drop forgets events for good: say which, --call <callId> "
+                  "or --unsure (see 'fs-zammad outbox list')", file=sys.stderr)
+            return EXIT_CONFIG
+        outbox = Outbox.for_cli(path, write=action != "list")
         try:
             if action == "list":
                 return _outbox_list(outbox, path)
+            if action == "drop":
+                return _outbox_drop(outbox, call_id, yes)
             running = ServiceLock(settings.state_dir).held_elsewhere()
             return _outbox_retry(outbox, call_id, unsure, yes, running)
         finally:
@@ -362,6 +371,7 @@ def _outbox_list(outbox, path) -> int:
     if unsure:
         print("unsure hangups: they may have reached Zammad; send one again only if Zammad's "
               "caller log still shows its call open ('fs-zammad outbox retry --unsure --call "
+              "<callId>'), forget it if the call shows ended ('fs-zammad outbox drop --call "
               "<callId>'):")
         for line in _unsure_lines(unsure):
             print(line)
@@ -388,29 +398,52 @@ def _unsure_lines(rows) -> list[str]:
     return lines
 
 
+def _confirmed_unsure(outbox, yes: bool, what: str, question: str) -> list | int:
+    """Every unsure hangup, once the admin confirmed these very rows (``--yes``, or
+    asked on a terminal); an exit code if not."""
+    chosen = [row for row in outbox.failed_rows() if row[4] == "unsure"]
+    if chosen and not yes:
+        if not sys.stdin.isatty():
+            print(f"fs-zammad: {what} {len(chosen)} hangups that may have reached Zammad; "
+                  "there is no terminal to ask: add --yes to confirm", file=sys.stderr)
+            return EXIT_CONFIG
+        for line in _unsure_lines(chosen):
+            print(line)
+        if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing changed")
+            return EXIT_FAILED
+    return chosen
+
+
 def _outbox_retry(outbox, call_id: str | None, unsure: bool, yes: bool, running: bool) -> int:
     ids = None
     if unsure and call_id is None:
-        # Every unsure hangup at once: the admin confirms these very rows.
-        chosen = [row for row in outbox.failed_rows() if row[4] == "unsure"]
-        if chosen and not yes:
-            if not sys.stdin.isatty():
-                print(f"fs-zammad: outbox retry --unsure would send {len(chosen)} hangups that "
-                      "may have reached Zammad; there is no terminal to ask: add --yes to "
-                      "confirm", file=sys.stderr)
-                return EXIT_CONFIG
-            for line in _unsure_lines(chosen):
-                print(line)
-            answer = input(f"Send these {len(chosen)} hangups again? A second hangup turns a "
-                           "missed call into a done one: check Zammad's caller log first. "
-                           "[y/N] ")
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing changed")
-                return EXIT_FAILED
+        chosen = _confirmed_unsure(
+            outbox, yes, "outbox retry --unsure would send",
+            "Send these hangups again? A second hangup turns a missed call into a done one: "
+            "check Zammad's caller log first.")
+        if isinstance(chosen, int):
+            return chosen
         ids = [row[0] for row in outbox.failed_rows() if row[4] == "failed"] + \
             [row[0] for row in chosen]
     count = outbox.retry_failed(call_id, unsure, ids)
     where = ("the running service sends them within seconds" if running else
              "no service is running on this outbox: they are sent when it starts")
     print(f"{count} events put back in line; {where}")
+    return EXIT_OK
+
+
+def _outbox_drop(outbox, call_id: str | None, yes: bool) -> int:
+    """Forget set-aside events: a call's (refused or unsure), or every unsure hangup
+    once Zammad's caller log shows they arrived. Set-aside rows are never in flight."""
+    ids = None
+    if call_id is None:
+        chosen = _confirmed_unsure(
+            outbox, yes, "outbox drop --unsure would forget",
+            "Forget these hangups? Do it only if Zammad's caller log shows each call ended.")
+        if isinstance(chosen, int):
+            return chosen
+        ids = [row[0] for row in chosen]
+    count = outbox.drop_set_aside(call_id, ids)
+    print(f"{count} set-aside events forgotten" + (f" (call {call_id})" if call_id else ""))
     return EXIT_OK

@@ -35,7 +35,12 @@ import gevent
 from gevent.queue import Empty, Queue
 from greenswitch.esl import InboundESL, NotConnectedError
 
-from fs_zammad.wire import FrameError, parse_event_plain, split_frame_head_line
+from fs_zammad.wire import (
+    FrameError,
+    content_length,
+    parse_event_plain,
+    split_frame_head_line,
+)
 
 log = logging.getLogger("fs_zammad.esl")
 
@@ -217,13 +222,7 @@ class _Connection(InboundESL):
 
     @staticmethod
     def _length(headers, limit: int = MAX_EVENT_BODY) -> int:
-        text = headers.get("Content-Length", "0")
-        if not (text.isascii() and text.isdigit()) or len(text) > 12:
-            raise FrameError(f"bad Content-Length {text[:40]!r}")
-        length = int(text)
-        if length > limit:
-            raise FrameError(f"Content-Length {length} over the {limit}-byte bound")
-        return length
+        return content_length(headers.get("Content-Length", "0"), limit)
 
     def close(self) -> None:
         """Tear down without greenswitch's stop(), which can block forever.

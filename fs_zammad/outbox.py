@@ -575,12 +575,29 @@ class Outbox:
         self.pending += n
         return n
 
-    def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple]) -> None:
-        """Take over rows (as COLUMNS) and calls carried out of a damaged outbox."""
+    def drop_set_aside(self, call_id: str | None = None,
+                       ids: Sequence[int] | None = None) -> int:
+        """Delete set-aside rows (refused or unsure) of one call, or these ``ids``: the
+        admin's word that Zammad needs them no more. Never pending, never in flight:
+        safe while the service runs."""
+        where, args = "state IN ('failed', 'unsure')", []
+        if call_id is not None:
+            where += " AND call_id=?"
+            args.append(call_id)
+        if ids is not None:
+            where += " AND id IN (SELECT value FROM json_each(?))"
+            args.append(json.dumps(list(ids)))
+        return self.db.execute(f"DELETE FROM outbox WHERE {where}", args).rowcount
+
+    def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple],
+              finished: Sequence[tuple] = ()) -> None:
+        """Take over rows (as COLUMNS), calls and finished calls carried out of a
+        damaged outbox."""
         self.db.execute("BEGIN IMMEDIATE")
         self.db.executemany(f"INSERT OR IGNORE INTO outbox ({', '.join(COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(COLUMNS))})", rows)
         self.db.executemany("INSERT OR REPLACE INTO calls (call_id, state) VALUES (?, ?)", calls)
+        self.db.executemany("INSERT INTO finished (call_id, legs) VALUES (?, ?)", finished)
         self.db.execute("COMMIT")
         self.recount()
 

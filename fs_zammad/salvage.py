@@ -53,10 +53,10 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
     for suffix in ("", "-wal", "-shm"):
         if os.path.lexists(f"{path}{suffix}"):
             os.rename(f"{path}{suffix}", f"{aside}{suffix}")
-    rows, calls, lost = salvage(aside)
+    rows, calls, finished, lost = salvage(aside)
     try:
         outbox = Outbox(path, max_events, background_checkpoint)
-        outbox.adopt(rows, calls)
+        outbox.adopt(rows, calls, finished)
     except sqlite3.Error:
         # No fresh outbox (a full disk): put the damaged file back as it was, so
         # that the next start salvages it again instead of starting empty.
@@ -77,12 +77,12 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
     return outbox
 
 
-def salvage(path: Path) -> tuple[list[tuple], list[tuple], int | None]:
-    """(outbox rows as COLUMNS, calls rows, events lost or None if unknown) of a damaged
-    file. Read from a copy, so that the file moved aside stays as it was found (and a
+def salvage(path: Path) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
+    """(outbox rows as COLUMNS, calls rows, finished rows, events lost or None if
+    unknown) of a damaged file. Read from a copy, so that the file moved aside stays as it was found (and a
     truncated one can be padded); with no room for a copy, from the file, read-only."""
     if not path.is_file():
-        return [], [], None
+        return [], [], [], None
     try:
         with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
             copy = Path(tmp) / "outbox.sqlite3"
@@ -96,12 +96,12 @@ def salvage(path: Path) -> tuple[list[tuple], list[tuple], int | None]:
         return _salvage_file(path.resolve().as_uri() + "?mode=ro")
 
 
-def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], int | None]:
+def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
     try:
         db = sqlite3.connect(name, isolation_level=None, uri=name.startswith("file:"))
         present = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
     except sqlite3.Error:
-        return [], [], None
+        return [], [], [], None
     try:
         return _salvage_rows(db, present)
     finally:
@@ -123,9 +123,9 @@ def _pad_truncated(path: Path) -> None:
 
 
 def _salvage_rows(db: sqlite3.Connection, present: list[str]
-                  ) -> tuple[list[tuple], list[tuple], int | None]:
+                  ) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
     if "id" not in present:
-        return [], [], None
+        return [], [], [], None
     # A file from before the ``once`` column: every hangup counts as one (as in
     # Outbox._add_once_column), nothing else does.
     wanted = [c if c in present else "(event='hangup') AS once" if c == "once" else f"0 AS {c}"
@@ -134,12 +134,15 @@ def _salvage_rows(db: sqlite3.Connection, present: list[str]
     rows = [row[1:] for row in read if _sound_row(row[1:])]
     calls = [row[1:] for row in _readable(db, "calls", "call_id, state")[0]
              if _sound_call(row[1:])]
+    # Finished calls whose late events must stay ignored (their legs, as saved).
+    finished = [row[1:] for row in _readable(db, "finished", "call_id, legs")[0]
+                if _sound_call(row[1:])]
     try:  # the index usually survives a damaged table page: it knows how many there were
         total = db.execute("SELECT count(*) FROM outbox INDEXED BY outbox_by_call").fetchone()[0]
         lost = max(0, total - len(rows))
     except sqlite3.Error:
         lost = None if unreadable is None else unreadable + len(read) - len(rows)
-    return rows, calls, lost
+    return rows, calls, finished, lost
 
 
 def _sound_row(row: tuple) -> bool:

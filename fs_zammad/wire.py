@@ -160,6 +160,17 @@ def split_frame_head_line(line: bytes | str) -> tuple[str, str]:
     return name, value.strip()
 
 
+def content_length(text: str, limit: int = 1 << 40) -> int:
+    """A frame's Content-Length: digits only (int() would take "-5", " 7" and "1_0"; a
+    negative length walks a reader backwards) and at most ``limit``."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise FrameError(f"bad Content-Length {text[:40]!r}")
+    length = int(text)
+    if length > limit:
+        raise FrameError(f"Content-Length {length} over the {limit}-byte bound")
+    return length
+
+
 def iter_frames(data: bytes) -> Iterator[tuple[dict[str, str], bytes]]:
     """(frame head, body) pairs from a captured socket byte stream.
 
@@ -175,10 +186,7 @@ def iter_frames(data: bytes) -> Iterator[tuple[dict[str, str], bytes]]:
             raise FrameError(f"unterminated frame header at byte {pos}")
         head = split_frame_head(data[pos:end])
         pos = end + 2
-        try:
-            length = int(head.get("Content-Length", "0"))
-        except ValueError:
-            raise FrameError(f"bad Content-Length {head.get('Content-Length')!r}") from None
+        length = content_length(head.get("Content-Length", "0"))
         body = data[pos:pos + length]
         if len(body) < length:
             raise FrameError(f"frame at byte {end} is cut short ({len(body)} of {length} bytes)")

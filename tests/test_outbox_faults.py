@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from fs_zammad.calls import CallTracker
+from fs_zammad.calls import CallTracker, saved_state
 from fs_zammad.config import load_settings
 from fs_zammad.outbox import Outbox
 from fs_zammad.service import tracker_rules
@@ -151,14 +151,15 @@ def test_cli_next_to_a_running_service_leaves_hangups_in_flight_alone(start_serv
     assert "unsure" not in service.log.replace("0 unsure", "")
 
 
-def test_unsure_hangups_listed_with_their_call_and_sent_only_when_confirmed(start_service,
-                                                                           fake_fs, zammad):
+def make_unsure_hangups(start_service, fake_fs, zammad, n=3):
+    """n missed calls whose hangup's connection is lost mid-request: (service, calls,
+    the ids of those listed unsure, the listing)."""
     service = start_service(ZAMMAD_TIMEOUT="2")
-    calls = [missed_call(f"4931400{i:03d}") for i in range(3)]
+    calls = [missed_call(f"4931400{i:03d}") for i in range(n)]
     for _, events in calls:
         emit_all(fake_fs, events[:2])
-    zammad.wait_for(lambda: len(zammad.caller_log()) == 3)
-    zammad.close_without_response_next(3)       # the connection is lost mid-request
+    zammad.wait_for(lambda: len(zammad.caller_log()) == n)
+    zammad.close_without_response_next(n)       # the connection is lost mid-request
     for _, events in calls:
         emit_all(fake_fs, events[2:])
     service.wait_for_log("may have reached Zammad")
@@ -167,7 +168,12 @@ def test_unsure_hangups_listed_with_their_call_and_sent_only_when_confirmed(star
     while ": 0 pending" not in listing and time.monotonic() < deadline:
         listing = cli(service.env, "list").stdout
     # a probe may have taken one of the closed connections: that hangup went through
-    unsure = [a.uuid for a, _ in calls if a.uuid in listing]
+    return service, calls, [a.uuid for a, _ in calls if a.uuid in listing], listing
+
+
+def test_unsure_hangups_listed_with_their_call_and_sent_only_when_confirmed(start_service,
+                                                                           fake_fs, zammad):
+    service, calls, unsure, listing = make_unsure_hangups(start_service, fake_fs, zammad)
     assert len(unsure) >= 2 and f": 0 pending, 0 set aside, {len(unsure)} unsure hangups" \
         in listing, listing
     for call_id in unsure:   # the call: direction, from, to, time, and why
@@ -188,6 +194,29 @@ def test_unsure_hangups_listed_with_their_call_and_sent_only_when_confirmed(star
     assert "running service" in sent.stdout
     zammad.wait_for(lambda: sum(hangups_by_call(zammad).values()) == 3, timeout=10)
     assert hangups_by_call(zammad) == {a.uuid: 1 for a, _ in calls}
+
+
+def test_unsure_hangups_that_arrived_are_dropped_only_when_named_or_confirmed(
+        start_service, fake_fs, zammad):
+    service, calls, unsure, _ = make_unsure_hangups(start_service, fake_fs, zammad)
+    assert len(unsure) >= 2
+    before = hangups_by_call(zammad)
+    for args in (("drop",), ("drop", "--unsure")):   # nothing named; no terminal, no --yes
+        refused = cli(service.env, *args)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused
+    one = cli(service.env, "drop", "--call", unsure[0])
+    assert one.returncode == 0 and f"1 set-aside events forgotten (call {unsure[0]})" in one.stdout
+    assert f"{len(unsure) - 1} unsure hangups" in cli(service.env, "list").stdout
+    rest = cli(service.env, "drop", "--unsure", "--yes")
+    assert rest.returncode == 0 and f"{len(unsure) - 1} set-aside events forgotten" in rest.stdout
+    listing = cli(service.env, "list").stdout
+    assert ": 0 pending, 0 set aside, 0 unsure hangups" in listing, listing
+    time.sleep(1.5)                               # the service has seen the change
+    assert hangups_by_call(zammad) == before      # and sent nothing for it
+    a, events = missed_call("4931499999")         # the service goes on as before
+    emit_all(fake_fs, events)
+    zammad.wait_for(lambda: hangups_by_call(zammad).get(a.uuid) == 1, timeout=10)
+    assert "Traceback" not in service.log
 
 
 def test_unsure_retry_asks_on_a_terminal(start_service, fake_fs, zammad):
@@ -400,6 +429,44 @@ def test_damaged_outbox_is_moved_aside_and_what_can_be_read_is_delivered(
     a, events = missed_call("4931799999")
     emit_all(fake_fs, events)
     zammad.wait_for(lambda: hangups_by_call(zammad).get(a.uuid) == 1, timeout=15)
+
+
+def test_a_damaged_outbox_carries_the_finished_calls_over(tmp_path, caplog):
+    """The finished calls kept for their late events (issue 11, point 8) are carried into
+    the fresh outbox like the calls in progress: a late event of one of them after the
+    salvage still makes no second Zammad call."""
+    from fs_zammad.salvage import open_outbox
+    path = tmp_path / "outbox.sqlite3"
+    tracker = CallTracker(tracker_rules(load_settings({"STATE_DIR": str(tmp_path)})))
+    box, now, hangups = Outbox(path), time.time(), []
+    for i in range(30):
+        a = synth.caller(cid=f"49317{i:05d}")
+        hangups.append(a.hangup("NORMAL_CLEARING", "recv_cancel"))
+        for h in (a.create(), a.execute("bridge"), hangups[-1]):
+            box.record(tracker.handle(h, now), *tracker.dirty_rows(),
+                       finished_calls=tracker.take_finished())
+            tracker.dirty.clear()
+    kept = box.load_finished()
+    assert len(kept) == 30
+    # Zero an index's root page: every table row stays readable, the file fails its check.
+    root = box.db.execute("SELECT rootpage FROM sqlite_master WHERE name='outbox_by_instance'"
+                          ).fetchone()[0]
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    with open(path, "r+b") as handle:
+        handle.seek((root - 1) * 4096)
+        handle.write(b"\0" * 4096)
+    with caplog.at_level("ERROR"):
+        fresh = open_outbox(path)
+    try:
+        assert any("was damaged" in r.getMessage() for r in caplog.records), caplog.text
+        assert fresh.load_finished() == kept
+        restarted = CallTracker(tracker_rules(load_settings({"STATE_DIR": str(tmp_path)})),
+                                [saved_state(text) for text in fresh.load_calls() + kept])
+        # each call's hangup once more, late: nothing for Zammad
+        assert [e for h in hangups for e in restarted.handle(h, now + 5)] == []
+    finally:
+        fresh.close()
 
 
 # -- a full disk ---------------------------------------------------------------------------

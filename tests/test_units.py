@@ -165,6 +165,15 @@ def test_capture_cut_short_is_reported():
         list(iter_capture(data[:-10]))
 
 
+@pytest.mark.parametrize("length", ["-57", "5_7", "+57", "٥٧", "0x39", "", "9" * 13])
+def test_a_capture_with_a_content_length_that_is_no_length_is_reported(length):
+    """int() would take several of these; "-57" walked the reader backwards for ever."""
+    frame = b"Content-Type: text/event-plain\nContent-Length: %s\n\n" % length.encode()
+    data = frame + b"Event-Name: HEARTBEAT\n\n" * 3
+    with pytest.raises(FrameError, match="bad Content-Length"):
+        list(iter_capture(data))
+
+
 @pytest.mark.parametrize("event,status,body,kind", [
     ("newCall", 200, "{}", DELIVERED),
     ("newCall", 500, '{"error":"call_id abc already exists!"}', DELIVERED),
