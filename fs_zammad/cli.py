@@ -49,10 +49,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="only the legs of this call (its callId in Zammad and the log)")
     capture.add_argument("--all", action="store_true", dest="all_events",
                          help="every event, not only those fs-zammad reads")
-    outbox = sub.add_parser("outbox", help="show, replay or forget events Zammad refused")
+    outbox = sub.add_parser("outbox", help="show or replay events Zammad refused; forget "
+                                           "hangups that may have reached it")
     outbox.add_argument("action", choices=("list", "retry", "drop"),
-                        help="drop: forget set-aside events for good (a call's, or every "
-                             "unsure hangup that Zammad's caller log shows arrived)")
+                        help="drop: forget unsure hangups for good, once Zammad's caller "
+                             "log shows they arrived (a call's, or with --unsure every one)")
     outbox.add_argument("--call", metavar="CALL_ID", help="only this call (retry, drop)")
     outbox.add_argument("--unsure", action="store_true",
                         help="retry also hangups that may have reached Zammad (check Zammad's "
@@ -314,12 +315,13 @@ def replay(settings, files: list[str], send: bool) -> int:
 
 def outbox_command(settings, action: str, call_id: str | None, unsure: bool = False,
                    yes: bool = False) -> int:
-    """``outbox list`` and ``outbox retry``, next to a running service or not.
+    """``outbox list``, ``outbox retry`` and ``outbox drop``, next to a running
+    service or not.
 
     Reads through a read-only connection and never runs the service's
     crash recovery (that would catch hangups in flight). ``retry`` is one
-    UPDATE of set-aside rows, which are never in flight; the running
-    service notices it within a second.
+    UPDATE and ``drop`` one DELETE of set-aside rows, which are never in
+    flight; the running service notices either within a second.
     """
     import sqlite3
 
@@ -332,7 +334,7 @@ def outbox_command(settings, action: str, call_id: str | None, unsure: bool = Fa
                   "the service's")
             return EXIT_OK
         if action == "drop" and call_id is None and not unsure:
-            print("fs-zammad: outbox drop forgets events for good: say which, --call <callId> "
+            print("fs-zammad: outbox drop forgets unsure hangups for good: say which, --call <callId> "
                   "or --unsure (see 'fs-zammad outbox list')", file=sys.stderr)
             return EXIT_CONFIG
         outbox = Outbox.for_cli(path, write=action != "list")
@@ -434,8 +436,9 @@ def _outbox_retry(outbox, call_id: str | None, unsure: bool, yes: bool, running:
 
 
 def _outbox_drop(outbox, call_id: str | None, yes: bool) -> int:
-    """Forget set-aside events: a call's (refused or unsure), or every unsure hangup
-    once Zammad's caller log shows they arrived. Set-aside rows are never in flight."""
+    """Forget unsure hangups once Zammad's caller log shows they arrived: a call's, or
+    every one (confirmed). Unsure rows are never in flight; refused events are not
+    touched (they wait for 'retry')."""
     ids = None
     if call_id is None:
         chosen = _confirmed_unsure(
@@ -444,6 +447,6 @@ def _outbox_drop(outbox, call_id: str | None, yes: bool) -> int:
         if isinstance(chosen, int):
             return chosen
         ids = [row[0] for row in chosen]
-    count = outbox.drop_set_aside(call_id, ids)
-    print(f"{count} set-aside events forgotten" + (f" (call {call_id})" if call_id else ""))
+    count = outbox.drop_unsure(call_id, ids)
+    print(f"{count} unsure hangups forgotten" + (f" (call {call_id})" if call_id else ""))
     return EXIT_OK

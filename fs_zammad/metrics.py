@@ -47,7 +47,7 @@ OUTBOX_FAILED = Gauge("fs_zammad_outbox_failed", "Events set aside (see fs-zamma
                       registry=REGISTRY)
 OUTBOX_UNSURE = Gauge("fs_zammad_outbox_unsure",
                       "Hangups that may have reached Zammad, waiting for a decision "
-                      "(fs-zammad outbox list; retry --unsure)", registry=REGISTRY)
+                      "(fs-zammad outbox list; then retry --unsure or drop)", registry=REGISTRY)
 OUTBOX_MAX = Gauge("fs_zammad_outbox_max_events",
                    "OUTBOX_MAX_EVENTS: pending events beyond it refuse new calls", registry=REGISTRY)
 OUTBOX_AGE = Gauge("fs_zammad_outbox_oldest_seconds", "Age of the oldest waiting event",

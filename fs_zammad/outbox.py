@@ -575,12 +575,12 @@ class Outbox:
         self.pending += n
         return n
 
-    def drop_set_aside(self, call_id: str | None = None,
-                       ids: Sequence[int] | None = None) -> int:
-        """Delete set-aside rows (refused or unsure) of one call, or these ``ids``: the
-        admin's word that Zammad needs them no more. Never pending, never in flight:
-        safe while the service runs."""
-        where, args = "state IN ('failed', 'unsure')", []
+    def drop_unsure(self, call_id: str | None = None, ids: Sequence[int] | None = None) -> int:
+        """Delete unsure hangups, of one call or these ``ids``: the admin's word that
+        Zammad's caller log shows them arrived. Only unsure rows (a refused event, say a
+        voicemail's ticket job, is never dropped along with them), never pending, never
+        in flight: safe while the service runs."""
+        where, args = "state='unsure'", []
         if call_id is not None:
             where += " AND call_id=?"
             args.append(call_id)

@@ -48,6 +48,24 @@ def test_unsure_hangup_is_only_retried_when_asked(tmp_path):
     assert ("a", "hangup") in heads(box)
 
 
+def test_drop_forgets_unsure_hangups_only(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3")
+    box.record([ev("a", "hangup"), ev("b", "hangup")])
+    box.set_unsure(box.ready(1)[0], "may have reached Zammad")
+    box.set_unsure(box.ready(1)[0], "may have reached Zammad")
+    box.record([ev("a", "ticket"), ev("c", "newCall")])  # a's voicemail job: refused, then
+    box.fail(box.ready(1)[0], "HTTP 422: x")              # held with its call's unsure row
+    box.fail(box.ready(1)[0], "HTTP 422: x")
+    box.record([ev("d", "newCall")])                     # pending
+    assert box.drop_unsure(call_id="c") == 0             # refused: for retry, never dropped
+    assert box.drop_unsure(call_id="a") == 1
+    assert [(r[1], r[3], r[4]) for r in box.failed_rows()] == [
+        ("b", "hangup", "unsure"), ("a", "ticket", "failed"), ("c", "newCall", "failed")]
+    failed_ids = [r[0] for r in box.failed_rows() if r[4] == "failed"]
+    assert box.drop_unsure(ids=failed_ids) == 0 and box.drop_unsure() == 1
+    assert box.counts() == {"pending": 1, "failed": 2}
+
+
 def test_hangup_cut_off_by_a_crash_becomes_unsure(tmp_path):
     path = tmp_path / "o.sqlite3"
     box = Outbox(path)

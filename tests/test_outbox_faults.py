@@ -205,10 +205,10 @@ def test_unsure_hangups_that_arrived_are_dropped_only_when_named_or_confirmed(
         refused = cli(service.env, *args)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused
     one = cli(service.env, "drop", "--call", unsure[0])
-    assert one.returncode == 0 and f"1 set-aside events forgotten (call {unsure[0]})" in one.stdout
+    assert one.returncode == 0 and f"1 unsure hangups forgotten (call {unsure[0]})" in one.stdout
     assert f"{len(unsure) - 1} unsure hangups" in cli(service.env, "list").stdout
     rest = cli(service.env, "drop", "--unsure", "--yes")
-    assert rest.returncode == 0 and f"{len(unsure) - 1} set-aside events forgotten" in rest.stdout
+    assert rest.returncode == 0 and f"{len(unsure) - 1} unsure hangups forgotten" in rest.stdout
     listing = cli(service.env, "list").stdout
     assert ": 0 pending, 0 set aside, 0 unsure hangups" in listing, listing
     time.sleep(1.5)                               # the service has seen the change
