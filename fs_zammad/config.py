@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.request
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -105,6 +106,36 @@ def redact_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, f"{head}/***", "", ""))
+
+
+def proxy_for(url: str, env: Mapping[str, str]) -> str:
+    """The proxy the environment names for this Zammad URL ("" for none or NO_PROXY),
+    read as curl and requests read it: the lowercase variable first, and a bare
+    host:port means http://. ConfigError for one fs-zammad cannot use (socks, garbage)."""
+    parts = urlsplit(url)
+    names = (f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY")
+    name = next((name for name in names if env.get(name, "").strip()), None)
+    if name is None:
+        return ""
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    if no_proxy and urllib.request.proxy_bypass_environment(parts.hostname or "",
+                                                            {"no": no_proxy}):
+        return ""
+    raw = env[name].strip()
+    proxy = raw if "://" in raw else f"http://{raw}"
+    try:
+        found = urlsplit(proxy)
+        usable = found.scheme in ("http", "https") and bool(found.hostname) \
+            and (found.port is None or found.port > 0)
+    except ValueError:  # .port of a port that is no number; a broken [IPv6] host
+        usable = False
+    if not usable:
+        scheme, _, rest = raw.rpartition("://")
+        shown = (f"{scheme}://" if scheme else "") + rest.rpartition("@")[2]  # no password
+        raise ConfigError(f"{name}={shown!r} is not a proxy fs-zammad can use for "
+                          f"{redact_url(url)}: set an http:// or https:// proxy like "
+                          f"http://proxy.example:3128, or add {parts.hostname} to NO_PROXY")
+    return proxy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +437,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     url = _zammad_url(env)
     instances = _instances(env, url)
     api = _api(env, instances)
+    for target in [*instances.values(), *(base for base, _token in api.values())]:
+        proxy_for(target, env)  # a proxy variable it cannot use: said now, not at the first call
     return Settings(
         freeswitch_host=host,
         freeswitch_port=_number(env, "FREESWITCH_PORT", int, 1, 65535),

@@ -30,9 +30,8 @@ import logging
 import os
 import re
 import time
-import urllib.request
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
@@ -41,7 +40,7 @@ import urllib3 as u3
 from urllib3 import exceptions as u3x
 
 from fs_zammad import __version__
-from fs_zammad.config import redact_url
+from fs_zammad.config import proxy_for, redact_url
 from fs_zammad.logs import Redactor
 
 log = logging.getLogger(__name__)
@@ -224,30 +223,56 @@ def network_outcome(exc: Exception) -> Outcome:
     """Connection trouble (urllib3's exceptions; an OSError that escaped them): was the
     request possibly received? Only a failure before it left proves it was not."""
     text = " ".join(str(exc).split())
-    if isinstance(exc, u3x.ProxyError):  # urllib3 raises it only before reaching the proxy
-        return Outcome(ZAMMAD_DOWN, 0, f"proxy unreachable: {text[:180]}")
-    if isinstance(exc, u3x.SSLError):  # the handshake failed: nothing was sent
+    if isinstance(exc, u3x.ProxyError):
+        # urllib3 says ProxyError whenever its connection no longer counts as connected
+        # to the proxy, and closing a connection resets that: a proxy that read the
+        # request and then closed or reset the connection ends here too. What happened
+        # is the wrapped error, judged like any other.
+        inner = network_outcome(exc.original_error)
+        return replace(inner, detail=f"proxy: {inner.detail}")
+    if isinstance(exc, u3x.SSLError):
         reason = re.search(r"\[SSL: [A-Z_]+\][^'\")]*", text)
-        return Outcome(ZAMMAD_DOWN, 0, f"TLS error: {(reason.group(0) if reason else text)[:200]}")
+        detail = f"TLS error: {(reason.group(0) if reason else text)[:200]}"
+        if _while_connecting(exc):  # the handshake or the certificate: nothing was sent
+            return Outcome(ZAMMAD_DOWN, 0, detail)
+        return Outcome(ZAMMAD_DOWN, 0, f"{detail} (after the request left: it may have been "
+                       "processed)", maybe_processed=True)
     if isinstance(exc, u3x.NameResolutionError):
-        return Outcome(ZAMMAD_DOWN, 0, "DNS lookup failed for Zammad's host")
+        host = getattr(exc.conn, "host", None) or "Zammad's host"  # (or the proxy's)
+        return Outcome(ZAMMAD_DOWN, 0, f"DNS lookup failed for {host}")
     if isinstance(exc, u3x.NewConnectionError):  # (a subclass of ConnectTimeoutError)
         if "timed out" in text:
             return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
         return Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable")
     if isinstance(exc, u3x.ConnectTimeoutError):
         return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
-    if isinstance(exc, u3x.ReadTimeoutError):
-        # (urllib3 reports a TLS handshake that times out the same way: a hangup is
-        # then held as unsure although nothing was sent; never the other way round.)
-        return Outcome(ZAMMAD_DOWN, 0, "no answer in time (the request may have been processed)",
-                       maybe_processed=True)
     if "Tunnel connection failed" in text:  # the proxy refused CONNECT: Zammad saw nothing
         return Outcome(ZAMMAD_DOWN, 0, f"proxy refused the tunnel: {text[:160]}")
+    if _while_connecting(exc):  # e.g. a TLS handshake without an answer in time
+        return Outcome(ZAMMAD_DOWN, 0, f"connection not set up: {text[:160]}")
+    if isinstance(exc, u3x.ReadTimeoutError):
+        return Outcome(ZAMMAD_DOWN, 0, "no answer in time (the request may have been processed)",
+                       maybe_processed=True)
     # Anything else (a connection reset or closed, a body cut short, a bad chunk)
     # came after the request left.
     return Outcome(ZAMMAD_DOWN, 0, f"connection lost during the request: {text[:160]}",
                    maybe_processed=True)
+
+
+def _while_connecting(exc: BaseException) -> bool:
+    """Was this error raised while the connection was being set up (TCP, the proxy's
+    tunnel, the TLS handshake, the certificate checks), before a byte of the request
+    was written? Its traceback says, or that of the error it was raised for: urllib3
+    re-raises with the original traceback, and wraps a timeout in a new error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        frame = seen.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_code.co_name in ("connect", "do_handshake"):
+                return True
+            frame = frame.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _decoded(body: bytes, content_type: str) -> str:
@@ -255,7 +280,7 @@ def _decoded(body: bytes, content_type: str) -> str:
     found = re.search(r"charset=[\"']?([\w.:-]+)", content_type or "", re.I)
     try:
         return body.decode(found.group(1) if found else "utf-8", "replace")
-    except LookupError:  # a charset Python does not know
+    except (LookupError, UnicodeError):  # a charset Python does not know or cannot use
         return body.decode("utf-8", "replace")
 
 
@@ -287,8 +312,7 @@ class ZammadHttp:
             warnings.simplefilter("ignore", u3x.InsecureRequestWarning)
             log.warning("%s: Zammad's TLS certificate is not verified (ZAMMAD_TLS_VERIFY=false)",
                         self.origin)
-        proxy = "" if urllib.request.proxy_bypass(parts.hostname or "") \
-            else urllib.request.getproxies().get(parts.scheme, "")
+        proxy = proxy_for(url, os.environ)
         if proxy:
             auth = u3.util.parse_url(proxy).auth
             self.manager = u3.ProxyManager(

@@ -1,3 +1,6 @@
+import shutil
+import subprocess
+
 import pytest
 
 from tests.support.fake_freeswitch import FakeFreeSwitch
@@ -35,3 +38,17 @@ def start_service(tmp_path, fake_fs, zammad):
         if service.proc.poll() is None:
             service.stop()
         service.assert_no_secrets(ESL_PASSWORD, zammad.token)
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory):
+    """(cert, key) files of a certificate no CA vouches for (made with openssl, offline)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key

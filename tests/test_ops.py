@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -245,20 +244,6 @@ def test_text_and_json_logs_carry_the_same_fields(start_service, fake_fs, zammad
 
 
 # -- fs-zammad check ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory):
-    """A certificate no CA vouches for (made with openssl, offline)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=30)
-    return cert, key
 
 
 @pytest.fixture

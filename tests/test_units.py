@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fs_zammad.config import VARIABLES, ConfigError, load_settings, redact_url
+from fs_zammad.config import VARIABLES, ConfigError, load_settings, proxy_for, redact_url
 from fs_zammad.numbers import to_e164
 from fs_zammad.wire import (
     FrameError,
@@ -61,6 +61,35 @@ def test_bad_values_name_the_variable(env, names):
         load_settings(env)
 
 
+CTI = {"ZAMMAD_CTI_URL": "https://z.example.com/api/v1/cti/tok3n-xyz"}
+
+
+@pytest.mark.parametrize("proxy", ["socks5://u:pw@h:1080", "ftp://h", "http://h:99999",
+                                   "http://h:port", "http://[::1", "u:pw@h:x", "://"])
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
+def test_a_proxy_variable_fs_zammad_cannot_use_is_a_configuration_error(proxy, variable):
+    with pytest.raises(ConfigError) as err:
+        load_settings({**CTI, variable: proxy})
+    said = str(err.value)
+    assert said.startswith(f"{variable}=") and "NO_PROXY" in said, said
+    assert "pw" not in said and "tok3n" not in said, said
+    # not used for this Zammad: no error
+    load_settings({**CTI, variable: proxy, "NO_PROXY": "example.com"})
+    load_settings({**CTI, {"HTTPS_PROXY": "HTTP_PROXY", "https_proxy": "http_proxy"}[variable]: proxy})
+
+
+@pytest.mark.parametrize("variables,proxy", [
+    ({"HTTPS_PROXY": "proxy.example:3128"}, "http://proxy.example:3128"),
+    ({"https_proxy": "https://p:8443", "HTTPS_PROXY": "http://q:1"}, "https://p:8443"),
+    ({"HTTPS_PROXY": "http://p:1", "no_proxy": "*"}, ""),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".example.com"}, ""),
+    ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "other.example"}, "http://p:1"),
+    ({"HTTP_PROXY": "http://p:1"}, ""),
+])
+def test_the_proxy_for_a_zammad_url_is_read_as_curl_reads_it(variables, proxy):
+    assert proxy_for(CTI["ZAMMAD_CTI_URL"], variables) == proxy
+
+
 def test_secrets_stay_out_of_repr_and_errors(tmp_path):
     secret_file = tmp_path / "pw"
     secret_file.write_text("s3cret-pass\n")
@@ -90,7 +119,7 @@ def test_every_variable_the_code_reads_is_declared():
     source = (ROOT / "fs_zammad" / "config.py").read_text()
     read = set(re.findall(r'"([A-Z][A-Z_]+[A-Z])"', source))
     read = {n for n in read if not n.startswith(("DEBUG", "INFO", "WARNING", "ERROR", "USER_",
-                                                 "CALL_"))} - {"XDG_STATE_HOME"}
+                                                 "CALL_"))} - {"XDG_STATE_HOME", "NO_PROXY"}  # (not ours: curl's)
     assert read <= declared | {f"{n}_FILE" for n in declared}
 
 

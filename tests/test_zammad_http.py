@@ -1,9 +1,11 @@
 """The HTTP client itself (zammad.ZammadHttp under ZammadClient), against real sockets:
 each way a connection can fail gives the right verdict ("maybe processed" exactly when
 the request may have arrived), keep-alive connections are reused and renewed, and the
-environment's proxy settings are followed."""
+environment's proxy settings are followed, also when the proxy is where it fails."""
 
+import os
 import socket
+import ssl
 import threading
 import time
 
@@ -11,6 +13,8 @@ import pytest
 
 from fs_zammad import zammad
 from fs_zammad.zammad import DELIVERED, ZAMMAD_DOWN, ZammadClient
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 TOKEN = "tok-51ab77c0"
 FIELDS = (("event", "hangup"), ("direction", "in"), ("callId", "c1"), ("cause", "cancel"))
@@ -119,11 +123,24 @@ FAULTS = {
 }
 
 
+@pytest.fixture
+def no_proxy_set(monkeypatch):
+    """monkeypatch, with none of the machine's proxy variables in the way."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
 @pytest.mark.parametrize("case", FAULTS)
-def test_a_request_that_may_have_arrived_is_never_called_not_sent(case):
+def test_a_request_that_may_have_arrived_is_never_called_not_sent(case, via, no_proxy_set):
     script, words = FAULTS[case]
     server = RawServer(script)
-    client = ZammadClient(server.url(), timeout=0.5)
+    url = server.url()
+    if via == "proxy":  # the stand-in is the proxy: for a plain-http Zammad it gets the request
+        no_proxy_set.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+        url = f"http://zammad.invalid/api/v1/cti/{TOKEN}"
+    client = ZammadClient(url, timeout=0.5)
     try:
         outcome = client.post(FIELDS)
     finally:
@@ -136,26 +153,95 @@ def test_a_request_that_may_have_arrived_is_never_called_not_sent(case):
     assert TOKEN not in outcome.detail
 
 
+@pytest.fixture
+def tls_context(self_signed):
+    """A server-side TLS context with the self-signed certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*self_signed)
+    return context
+
+
+def over_tls(context, script):
+    """``script`` run on the TLS side of each connection, after the handshake."""
+    def run(conn, server):
+        with context.wrap_socket(conn, server_side=True) as tls:
+            script(tls, server)
+    return run
+
+
+def reads_then_breaks_the_tls_stream(tls, server):
+    server.read_request(tls)
+    os.write(tls.fileno(), b"\x15garbage that is no TLS record")  # beside TLS, not in it
+
+
+def reads_then_drops_tcp(tls, server):
+    server.read_request(tls)
+    os.close(tls.detach())  # no TLS close_notify: the TCP connection just ends
+
+
+@pytest.mark.parametrize("script", [reads_then_breaks_the_tls_stream, reads_then_drops_tcp])
+def test_a_tls_failure_after_the_request_left_is_maybe_processed(script, tls_context, no_proxy_set):
+    server = RawServer(over_tls(tls_context, script))
+    client = ZammadClient(server.url(scheme="https"), timeout=1, verify=False)
+    try:
+        outcome = client.post(FIELDS)
+    finally:
+        client.close()
+        server.close()
+    assert server.requests and outcome.kind == ZAMMAD_DOWN, (outcome, server.requests)
+    assert outcome.maybe_processed, outcome
+
+
 def unused_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
 
 
-# name -> (url, words): nothing can have left; the event simply waits
+def proxy_at(variable: str, port: int, scheme: str = "http"):
+    """setup(): the environment's proxy for ``scheme`` URLs is 127.0.0.1:port."""
+    def setup(env, tls):
+        env.setenv(variable, f"http://127.0.0.1:{port}")
+        return f"{scheme}://zammad.invalid/api/v1/cti/{TOKEN}"
+    return setup
+
+
+def refuses_connect(conn, server):
+    server.read_request(conn)
+    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+
+# name -> (setup(monkeypatch, server-side TLS context) -> url, words the detail holds):
+# nothing can have left; the event simply waits
 NOT_SENT = {
-    "connection refused": (lambda: f"http://127.0.0.1:{unused_port()}/api/v1/cti/{TOKEN}",
+    "connection refused": (lambda env, tls: f"http://127.0.0.1:{unused_port()}/api/v1/cti/{TOKEN}",
                            "connection refused or unreachable"),
-    "no such host": (lambda: f"http://no-such-host.invalid/api/v1/cti/{TOKEN}",
-                     "DNS lookup failed"),
-    "TLS to a plain HTTP port": (lambda: RawServer(answers_400_to_anything).url(scheme="https"),
-                                 "TLS error: [SSL"),
+    "no such host": (lambda env, tls: f"http://no-such-host.invalid/api/v1/cti/{TOKEN}",
+                     "DNS lookup failed for no-such-host.invalid"),
+    "TLS to a plain HTTP port": (lambda env, tls: RawServer(answers_400_to_anything)
+                                 .url(scheme="https"), "TLS error: [SSL"),
+    "TLS certificate not trusted": (lambda env, tls: RawServer(over_tls(tls, reads_then_closes))
+                                    .url(scheme="https"), "CERTIFICATE_VERIFY_FAILED"),
+    "TLS handshake unanswered": (lambda env, tls: RawServer(lambda conn, server: time.sleep(3))
+                                 .url(scheme="https"), "connection not set up"),
+    "proxy refused": (lambda env, tls: proxy_at("HTTP_PROXY", unused_port())(env, tls),
+                      "proxy: connection refused"),
+    "proxy's host unknown": (lambda env, tls: env.setenv("http_proxy", "no-proxy.invalid:3128")
+                             or f"http://zammad.invalid/api/v1/cti/{TOKEN}",
+                             "proxy: DNS lookup failed for no-proxy.invalid"),
+    "proxy refuses the tunnel": (lambda env, tls: proxy_at("HTTPS_PROXY", RawServer(refuses_connect)
+                                                           .port, "https")(env, tls),
+                                 "proxy refused the tunnel"),
+    "proxy closes during CONNECT": (lambda env, tls: proxy_at("HTTPS_PROXY",
+                                                              RawServer(reads_then_closes).port,
+                                                              "https")(env, tls),
+                                    "connection not set up"),
 }
 
 
 @pytest.mark.parametrize("case", NOT_SENT)
-def test_a_request_that_never_left_is_not_sent(case):
-    url, words = NOT_SENT[case]
-    client = ZammadClient(url(), timeout=2)
+def test_a_request_that_never_left_is_not_sent(case, no_proxy_set, tls_context):
+    setup, words = NOT_SENT[case]
+    client = ZammadClient(setup(no_proxy_set, tls_context), timeout=1)
     try:
         outcome = client.post(FIELDS)
     finally:
@@ -184,10 +270,9 @@ def test_one_connection_is_kept_and_renewed_after_idling(monkeypatch):
     assert first.endswith("event=hangup&direction=in&callId=c1&cause=cancel")
 
 
-def test_the_environments_proxy_is_used_unless_no_proxy_says_otherwise(monkeypatch):
+def test_the_environments_proxy_is_used_unless_no_proxy_says_otherwise(no_proxy_set):
+    monkeypatch = no_proxy_set
     zammad_server, proxy = RawServer(keep_alive), RawServer(keep_alive)
-    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTPS_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
     try:
         via_proxy = ZammadClient(zammad_server.url(), timeout=2)
