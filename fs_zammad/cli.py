@@ -417,6 +417,13 @@ def _confirmed_unsure(outbox, yes: bool, what: str, question: str) -> list | int
     return chosen
 
 
+def _nothing_for(call_id: str, what: str) -> int:
+    """A --call that matched nothing: most often a mistyped callId."""
+    print(f"fs-zammad: call {call_id} has no {what} in the outbox: nothing changed; "
+          "'fs-zammad outbox list' shows the calls that have some", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _outbox_retry(outbox, call_id: str | None, unsure: bool, yes: bool, running: bool) -> int:
     ids = None
     if unsure and call_id is None:
@@ -429,6 +436,9 @@ def _outbox_retry(outbox, call_id: str | None, unsure: bool, yes: bool, running:
         ids = [row[0] for row in outbox.failed_rows() if row[4] == "failed"] + \
             [row[0] for row in chosen]
     count = outbox.retry_failed(call_id, unsure, ids)
+    if call_id is not None and count == 0:
+        return _nothing_for(call_id, "refused events or unsure hangups" if unsure
+                            else "refused events (unsure hangups need --unsure)")
     where = ("the running service sends them within seconds" if running else
              "no service is running on this outbox: they are sent when it starts")
     print(f"{count} events put back in line; {where}")
@@ -448,5 +458,7 @@ def _outbox_drop(outbox, call_id: str | None, yes: bool) -> int:
             return chosen
         ids = [row[0] for row in chosen]
     count = outbox.drop_unsure(call_id, ids)
+    if call_id is not None and count == 0:
+        return _nothing_for(call_id, "unsure hangups")
     print(f"{count} unsure hangups forgotten" + (f" (call {call_id})" if call_id else ""))
     return EXIT_OK

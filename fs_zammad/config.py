@@ -110,12 +110,13 @@ def redact_url(url: str) -> str:
 
 def proxy_for(url: str, env: Mapping[str, str]) -> str:
     """The proxy the environment names for this Zammad URL ("" for none or NO_PROXY),
-    read as curl and requests read it: the lowercase variable first, and a bare
-    host:port means http://. ConfigError for one fs-zammad cannot use (socks, garbage)."""
+    read as requests reads it: the lowercase variable first (set but empty: no proxy),
+    and a bare host:port means http://. ConfigError for one fs-zammad cannot use
+    (socks, garbage)."""
     parts = urlsplit(url)
     names = (f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY")
-    name = next((name for name in names if env.get(name, "").strip()), None)
-    if name is None:
+    name = next((name for name in names if name in env), None)
+    if name is None or not env[name].strip():  # an empty https_proxy= turns it off
         return ""
     no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
     if no_proxy and urllib.request.proxy_bypass_environment(parts.hostname or "",
@@ -130,8 +131,8 @@ def proxy_for(url: str, env: Mapping[str, str]) -> str:
     except ValueError:  # .port of a port that is no number; a broken [IPv6] host
         usable = False
     if not usable:
-        scheme, _, rest = raw.rpartition("://")
-        shown = (f"{scheme}://" if scheme else "") + rest.rpartition("@")[2]  # no password
+        scheme, found, rest = raw.partition("://")  # the first "://": a password may hold one
+        shown = (f"{scheme}://" if found else "") + (rest if found else raw).rpartition("@")[2]
         raise ConfigError(f"{name}={shown!r} is not a proxy fs-zammad can use for "
                           f"{redact_url(url)}: set an http:// or https:// proxy like "
                           f"http://proxy.example:3128, or add {parts.hostname} to NO_PROXY")

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -219,21 +220,34 @@ def classify(event: str, status: int, body: str, content_type: str = "applicatio
     return Outcome(FAILED, status, text or f"HTTP {status}")
 
 
-def network_outcome(exc: Exception) -> Outcome:
+class NotAnswered(Exception):
+    """A request that got no HTTP answer; `outcome` says whether it may have arrived."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+def network_outcome(exc: BaseException, before: BaseException | None = None,
+                    raised: BaseException | None = None) -> Outcome:
     """Connection trouble (urllib3's exceptions; an OSError that escaped them): was the
-    request possibly received? Only a failure before it left proves it was not."""
+    request possibly received? Only a failure before it left proves it was not.
+    `before` is the exception the caller was already handling when it sent the
+    request (if any): the one raised for the request may be chained to it. `raised`
+    is the error that carried `exc` out of urllib3, when that was another one."""
     text = " ".join(str(exc).split())
     if isinstance(exc, u3x.ProxyError):
         # urllib3 says ProxyError whenever its connection no longer counts as connected
         # to the proxy, and closing a connection resets that: a proxy that read the
         # request and then closed or reset the connection ends here too. What happened
-        # is the wrapped error, judged like any other.
-        inner = network_outcome(exc.original_error)
+        # is the wrapped error, judged like any other (with the ProxyError's traceback).
+        inner = network_outcome(exc.original_error, before, raised=exc)
         return replace(inner, detail=f"proxy: {inner.detail}")
+    connecting = _while_connecting(raised or exc, before)
     if isinstance(exc, u3x.SSLError):
         reason = re.search(r"\[SSL: [A-Z_]+\][^'\")]*", text)
         detail = f"TLS error: {(reason.group(0) if reason else text)[:200]}"
-        if _while_connecting(exc):  # the handshake or the certificate: nothing was sent
+        if connecting:  # the handshake or the certificate: nothing was sent
             return Outcome(ZAMMAD_DOWN, 0, detail)
         return Outcome(ZAMMAD_DOWN, 0, f"{detail} (after the request left: it may have been "
                        "processed)", maybe_processed=True)
@@ -246,9 +260,9 @@ def network_outcome(exc: Exception) -> Outcome:
         return Outcome(ZAMMAD_DOWN, 0, "connection refused or unreachable")
     if isinstance(exc, u3x.ConnectTimeoutError):
         return Outcome(ZAMMAD_DOWN, 0, "connect timed out")
-    if "Tunnel connection failed" in text:  # the proxy refused CONNECT: Zammad saw nothing
-        return Outcome(ZAMMAD_DOWN, 0, f"proxy refused the tunnel: {text[:160]}")
-    if _while_connecting(exc):  # e.g. a TLS handshake without an answer in time
+    if connecting:  # the proxy refused CONNECT; a TLS handshake without an answer in time
+        if "Tunnel connection failed" in text:
+            return Outcome(ZAMMAD_DOWN, 0, f"proxy refused the tunnel: {text[:160]}")
         return Outcome(ZAMMAD_DOWN, 0, f"connection not set up: {text[:160]}")
     if isinstance(exc, u3x.ReadTimeoutError):
         return Outcome(ZAMMAD_DOWN, 0, "no answer in time (the request may have been processed)",
@@ -259,19 +273,25 @@ def network_outcome(exc: Exception) -> Outcome:
                    maybe_processed=True)
 
 
-def _while_connecting(exc: BaseException) -> bool:
+def _while_connecting(exc: BaseException, before: BaseException | None = None) -> bool:
     """Was this error raised while the connection was being set up (TCP, the proxy's
     tunnel, the TLS handshake, the certificate checks), before a byte of the request
-    was written? Its traceback says, or that of the error it was raised for: urllib3
-    re-raises with the original traceback, and wraps a timeout in a new error."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        frame = seen.__traceback__
+    was written? Its traceback says, or that of an error it was raised for: urllib3
+    re-raises with the original traceback, and wraps a timeout in a new error. The
+    walk stops at `before`, an error that was being handled before the request."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if error is None or error is before or id(error) in seen:
+            continue
+        seen.add(id(error))
+        frame = error.__traceback__
         while frame is not None:
             if frame.tb_frame.f_code.co_name in ("connect", "do_handshake"):
                 return True
             frame = frame.tb_next
-        seen = seen.__cause__ or seen.__context__
+        pending += (error.__cause__, error.__context__)
     return False
 
 
@@ -327,7 +347,15 @@ class ZammadHttp:
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, str, dict]:
-        """-> (status, body text, headers); raises what network_outcome reads."""
+        """-> (status, body text, headers); raises NotAnswered without an answer."""
+        handling = sys.exc_info()[1]
+        try:
+            return self._request(method, path, body, headers)
+        except (u3x.HTTPError, OSError) as exc:
+            raise NotAnswered(network_outcome(exc, handling)) from None
+
+    def _request(self, method: str, path: str, body: bytes | str | None,
+                 headers: dict[str, str] | None) -> tuple[int, str, dict]:
         now = time.monotonic()
         if now - self._last_used > KEEPALIVE_IDLE:
             # Zammad's servers close idle keep-alive connections (puma after
@@ -375,8 +403,8 @@ class ZammadClient:
         started = time.monotonic()
         try:
             status, body, headers = self.http.request("POST", self._path, urlencode(fields))
-        except (u3x.HTTPError, OSError) as exc:
-            outcome = network_outcome(exc)
+        except NotAnswered as failed:
+            outcome = failed.outcome
         else:
             outcome = classify(event, status, body, headers.get("Content-Type", ""),
                                location=headers.get("Location", ""),

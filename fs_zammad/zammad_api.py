@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import urllib3
-
-from fs_zammad.zammad import ZammadHttp, error_text, network_outcome
+from fs_zammad.zammad import NotAnswered, ZammadHttp, error_text
 
 #: ApiError kinds: what trying again can do.
 DOWN = "down"              # not processed (no connection, 502/503/504): try later
@@ -129,9 +127,9 @@ class ZammadApi:
             headers = {"Content-Type": "application/json"}
         try:
             status, text, _ = self.http.request(method, target, body, headers)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except NotAnswered as failed:
             # The same verdict as for a CTI event: could the request have arrived?
-            outcome = network_outcome(exc)
+            outcome = failed.outcome
             raise ApiError(MAYBE if outcome.maybe_processed else DOWN, 0, outcome.detail) \
                 from None
         if status != ok:

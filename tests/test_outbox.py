@@ -53,8 +53,8 @@ def test_drop_forgets_unsure_hangups_only(tmp_path):
     box.record([ev("a", "hangup"), ev("b", "hangup")])
     box.set_unsure(box.ready(1)[0], "may have reached Zammad")
     box.set_unsure(box.ready(1)[0], "may have reached Zammad")
-    box.record([ev("a", "ticket"), ev("c", "newCall")])  # a's voicemail job: refused, then
-    box.fail(box.ready(1)[0], "HTTP 422: x")              # held with its call's unsure row
+    box.record([ev("a", "ticket"), ev("c", "newCall")])  # a's voicemail job and c's newCall:
+    box.fail(box.ready(1)[0], "HTTP 422: x")              # both refused
     box.fail(box.ready(1)[0], "HTTP 422: x")
     box.record([ev("d", "newCall")])                     # pending
     assert box.drop_unsure(call_id="c") == 0             # refused: for retry, never dropped

@@ -139,7 +139,9 @@ def test_cli_next_to_a_running_service_leaves_hangups_in_flight_alone(start_serv
     finally:
         stop.set()
         thread.join(timeout=60)
-    assert all(code == 0 for _, code, _ in runs), runs
+    # (a --call that matches nothing says so and exits 1: the call has nothing set aside)
+    assert all(code == 0 or (code == 1 and "--call" in args and "nothing changed" in out)
+               for args, code, out in runs), runs
     assert not any("unsure" in out and " 0 unsure" not in out for args, _, out in runs
                    if args == ("list",)), runs
     expected = {a.uuid: 1 for a, _ in calls} | {t[0].uuid: 1 for t in talking}
@@ -206,6 +208,10 @@ def test_unsure_hangups_that_arrived_are_dropped_only_when_named_or_confirmed(
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused
     one = cli(service.env, "drop", "--call", unsure[0])
     assert one.returncode == 0 and f"1 unsure hangups forgotten (call {unsure[0]})" in one.stdout
+    for args in (("drop", "--call", unsure[0]), ("retry", "--call", "no-such-call")):
+        again = cli(service.env, *args)               # gone already; a mistyped callId
+        assert again.returncode == 1 and again.stderr.count("\n") == 1, again
+        assert "nothing changed" in again.stderr and "outbox list" in again.stderr, again
     assert f"{len(unsure) - 1} unsure hangups" in cli(service.env, "list").stdout
     rest = cli(service.env, "drop", "--unsure", "--yes")
     assert rest.returncode == 0 and f"{len(unsure) - 1} unsure hangups forgotten" in rest.stdout

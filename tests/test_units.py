@@ -65,7 +65,8 @@ CTI = {"ZAMMAD_CTI_URL": "https://z.example.com/api/v1/cti/tok3n-xyz"}
 
 
 @pytest.mark.parametrize("proxy", ["socks5://u:pw@h:1080", "ftp://h", "http://h:99999",
-                                   "http://h:port", "http://[::1", "u:pw@h:x", "://"])
+                                   "http://h:port", "http://[::1", "u:pw@h:x", "://",
+                                   "http://u:pw://x@h:x"])
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
 def test_a_proxy_variable_fs_zammad_cannot_use_is_a_configuration_error(proxy, variable):
     with pytest.raises(ConfigError) as err:
@@ -85,8 +86,10 @@ def test_a_proxy_variable_fs_zammad_cannot_use_is_a_configuration_error(proxy, v
     ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".example.com"}, ""),
     ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "other.example"}, "http://p:1"),
     ({"HTTP_PROXY": "http://p:1"}, ""),
+    ({"https_proxy": "", "HTTPS_PROXY": "http://q:1"}, ""),
+    ({"https_proxy": "http://p:1", "HTTPS_PROXY": ""}, "http://p:1"),
 ])
-def test_the_proxy_for_a_zammad_url_is_read_as_curl_reads_it(variables, proxy):
+def test_the_proxy_for_a_zammad_url_is_read_as_requests_reads_it(variables, proxy):
     assert proxy_for(CTI["ZAMMAD_CTI_URL"], variables) == proxy
 
 

@@ -117,6 +117,9 @@ FAULTS = {
                                           b"Content-Length: 100\r\n\r\n{\"a\":"),
                          "connection lost"),
     "not HTTP at all": (reads_then_sends(b"SSH-2.0-OpenSSH_9.2\r\n"), "connection lost"),
+    # words a proxy says when it refuses a tunnel, here after reading the request itself
+    "a status line naming a tunnel": (reads_then_sends(b"HTTP/1.1 5O2 Tunnel connection failed"
+                                                       b"\r\n\r\n"), "connection lost"),
     "bad chunked encoding": (reads_then_sends(b"HTTP/1.1 200 OK\r\nContent-Type: application/json"
                                               b"\r\nTransfer-Encoding: chunked\r\n\r\n"
                                               b"zz\r\n{}\r\n0\r\n\r\n"), "connection lost"),
@@ -179,10 +182,33 @@ def reads_then_drops_tcp(tls, server):
     os.close(tls.detach())  # no TLS close_notify: the TCP connection just ends
 
 
+def tunnels_then(context, script):
+    """An HTTP proxy that opens each CONNECT tunnel itself and plays Zammad in it:
+    ``script`` runs on the TLS side, after the handshake."""
+    def run(conn, server):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        over_tls(context, script)(conn, server)
+    return run
+
+
+@pytest.mark.parametrize("via", ["direct", "CONNECT proxy"])
 @pytest.mark.parametrize("script", [reads_then_breaks_the_tls_stream, reads_then_drops_tcp])
-def test_a_tls_failure_after_the_request_left_is_maybe_processed(script, tls_context, no_proxy_set):
-    server = RawServer(over_tls(tls_context, script))
-    client = ZammadClient(server.url(scheme="https"), timeout=1, verify=False)
+def test_a_tls_failure_after_the_request_left_is_maybe_processed(script, via, tls_context,
+                                                                 no_proxy_set):
+    if via == "direct":
+        server = RawServer(over_tls(tls_context, script))
+        url = server.url(scheme="https")
+    else:
+        server = RawServer(tunnels_then(tls_context, script))
+        no_proxy_set.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.port}")
+        url = f"https://zammad.invalid/api/v1/cti/{TOKEN}"
+    client = ZammadClient(url, timeout=1, verify=False)
     try:
         outcome = client.post(FIELDS)
     finally:
@@ -192,17 +218,48 @@ def test_a_tls_failure_after_the_request_left_is_maybe_processed(script, tls_con
     assert outcome.maybe_processed, outcome
 
 
+def test_an_error_the_caller_was_handling_does_not_change_the_verdict(no_proxy_set):
+    # The request's error is chained to the one being handled when it was sent; a
+    # connect() in that one's traceback says nothing about this request.
+    server = RawServer(reads_then_closes)
+    client = ZammadClient(server.url(), timeout=1)
+
+    def connect():
+        raise ConnectionRefusedError("an earlier, unrelated failure")
+    try:
+        try:
+            connect()
+        except ConnectionRefusedError:
+            outcome = client.post(FIELDS)
+    finally:
+        client.close()
+        server.close()
+    assert server.requests and outcome.maybe_processed, outcome
+
+
 def unused_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
 
 
-def proxy_at(variable: str, port: int, scheme: str = "http"):
-    """setup(): the environment's proxy for ``scheme`` URLs is 127.0.0.1:port."""
-    def setup(env, tls):
-        env.setenv(variable, f"http://127.0.0.1:{port}")
+class World:
+    """What a NOT_SENT case sets up: the environment, stand-in servers (closed after
+    the test) and, for the cases that need one, a server-side TLS context."""
+
+    def __init__(self, env, request):
+        self.env, self.request, self.servers = env, request, []
+
+    def serve(self, script) -> RawServer:
+        self.servers.append(RawServer(script))
+        return self.servers[-1]
+
+    def tls(self) -> ssl.SSLContext:
+        return self.request.getfixturevalue("tls_context")  # (skips without openssl)
+
+    def proxy(self, variable: str, script, scheme: str = "http", proxy_scheme: str = "http"):
+        """-> a Zammad URL for which the environment names a stand-in as the proxy."""
+        self.env.setenv(variable, f"{proxy_scheme}://127.0.0.1:{self.serve(script).port}")
         return f"{scheme}://zammad.invalid/api/v1/cti/{TOKEN}"
-    return setup
 
 
 def refuses_connect(conn, server):
@@ -210,44 +267,61 @@ def refuses_connect(conn, server):
     conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
 
 
-# name -> (setup(monkeypatch, server-side TLS context) -> url, words the detail holds):
-# nothing can have left; the event simply waits
+def refuses_connect_after_reading(conn, server):
+    server.read_request(conn)   # a status line only a careless reader takes for a 502
+    conn.sendall(b"HTTP/1.1 5O2 Tunnel connection failed\r\n\r\n")
+
+
+# name -> (setup(World) -> url, words the detail holds): nothing can have left; the
+# event simply waits
 NOT_SENT = {
-    "connection refused": (lambda env, tls: f"http://127.0.0.1:{unused_port()}/api/v1/cti/{TOKEN}",
+    "connection refused": (lambda w: f"http://127.0.0.1:{unused_port()}/api/v1/cti/{TOKEN}",
                            "connection refused or unreachable"),
-    "no such host": (lambda env, tls: f"http://no-such-host.invalid/api/v1/cti/{TOKEN}",
+    "no such host": (lambda w: f"http://no-such-host.invalid/api/v1/cti/{TOKEN}",
                      "DNS lookup failed for no-such-host.invalid"),
-    "TLS to a plain HTTP port": (lambda env, tls: RawServer(answers_400_to_anything)
-                                 .url(scheme="https"), "TLS error: [SSL"),
-    "TLS certificate not trusted": (lambda env, tls: RawServer(over_tls(tls, reads_then_closes))
+    "TLS to a plain HTTP port": (lambda w: w.serve(answers_400_to_anything).url(scheme="https"),
+                                 "TLS error: [SSL"),
+    "TLS certificate not trusted": (lambda w: w.serve(over_tls(w.tls(), reads_then_closes))
                                     .url(scheme="https"), "CERTIFICATE_VERIFY_FAILED"),
-    "TLS handshake unanswered": (lambda env, tls: RawServer(lambda conn, server: time.sleep(3))
+    "TLS handshake unanswered": (lambda w: w.serve(lambda conn, server: time.sleep(3))
                                  .url(scheme="https"), "connection not set up"),
-    "proxy refused": (lambda env, tls: proxy_at("HTTP_PROXY", unused_port())(env, tls),
+    "proxy refused": (lambda w: w.env.setenv("HTTP_PROXY", f"http://127.0.0.1:{unused_port()}")
+                      or f"http://zammad.invalid/api/v1/cti/{TOKEN}",
                       "proxy: connection refused"),
-    "proxy's host unknown": (lambda env, tls: env.setenv("http_proxy", "no-proxy.invalid:3128")
+    "proxy's host unknown": (lambda w: w.env.setenv("http_proxy", "no-proxy.invalid:3128")
                              or f"http://zammad.invalid/api/v1/cti/{TOKEN}",
                              "proxy: DNS lookup failed for no-proxy.invalid"),
-    "proxy refuses the tunnel": (lambda env, tls: proxy_at("HTTPS_PROXY", RawServer(refuses_connect)
-                                                           .port, "https")(env, tls),
+    "proxy refuses the tunnel": (lambda w: w.proxy("HTTPS_PROXY", refuses_connect, "https"),
                                  "proxy refused the tunnel"),
-    "proxy closes during CONNECT": (lambda env, tls: proxy_at("HTTPS_PROXY",
-                                                              RawServer(reads_then_closes).port,
-                                                              "https")(env, tls),
+    "proxy refuses the tunnel oddly": (lambda w: w.proxy("HTTPS_PROXY",
+                                                         refuses_connect_after_reading, "https"),
+                                       "proxy refused the tunnel"),
+    "proxy closes during CONNECT": (lambda w: w.proxy("HTTPS_PROXY", reads_then_closes, "https"),
                                     "connection not set up"),
+    "https:// proxy speaking plain HTTP": (lambda w: w.proxy("HTTPS_PROXY", answers_400_to_anything,
+                                                             "https", "https"),
+                                           "proxy: TLS error: [SSL"),
+    "https:// proxy not trusted": (lambda w: w.proxy("HTTP_PROXY",
+                                                     over_tls(w.tls(), reads_then_closes),
+                                                     "http", "https"),
+                                   "CERTIFICATE_VERIFY_FAILED"),
 }
 
 
 @pytest.mark.parametrize("case", NOT_SENT)
-def test_a_request_that_never_left_is_not_sent(case, no_proxy_set, tls_context):
+def test_a_request_that_never_left_is_not_sent(case, no_proxy_set, request):
     setup, words = NOT_SENT[case]
-    client = ZammadClient(setup(no_proxy_set, tls_context), timeout=1)
+    world = World(no_proxy_set, request)
     try:
+        client = ZammadClient(setup(world), timeout=1)
         outcome = client.post(FIELDS)
-    finally:
         client.close()
+    finally:
+        for server in world.servers:
+            server.close()
     assert outcome.kind == ZAMMAD_DOWN and not outcome.maybe_processed, outcome
     assert words in outcome.detail and TOKEN not in outcome.detail, outcome
+    assert not any(b"event=hangup" in r for server in world.servers for r in server.requests)
 
 
 def test_one_connection_is_kept_and_renewed_after_idling(monkeypatch):
