@@ -417,10 +417,11 @@ def _confirmed_unsure(outbox, yes: bool, what: str, question: str) -> list | int
     return chosen
 
 
-def _nothing_for(call_id: str, what: str) -> int:
+def _nothing_for(call_id: str, what: str,
+                 hint: str = "'fs-zammad outbox list' shows the calls that have some") -> int:
     """A --call that matched nothing: most often a mistyped callId."""
-    print(f"fs-zammad: call {call_id} has no {what} in the outbox: nothing changed; "
-          "'fs-zammad outbox list' shows the calls that have some", file=sys.stderr)
+    print(f"fs-zammad: call {call_id} has {what} in the outbox: nothing changed; {hint}",
+          file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -437,8 +438,11 @@ def _outbox_retry(outbox, call_id: str | None, unsure: bool, yes: bool, running:
             [row[0] for row in chosen]
     count = outbox.retry_failed(call_id, unsure, ids)
     if call_id is not None and count == 0:
-        return _nothing_for(call_id, "refused events or unsure hangups" if unsure
-                            else "refused events (unsure hangups need --unsure)")
+        if not unsure and any(row[1] == call_id and row[4] == "unsure"
+                              for row in outbox.failed_rows()):
+            return _nothing_for(call_id, "only unsure hangups", "add --unsure to send them, "
+                                "once Zammad's caller log shows that call still ringing")
+        return _nothing_for(call_id, "no refused events" + (" or unsure hangups" if unsure else ""))
     where = ("the running service sends them within seconds" if running else
              "no service is running on this outbox: they are sent when it starts")
     print(f"{count} events put back in line; {where}")
@@ -459,6 +463,6 @@ def _outbox_drop(outbox, call_id: str | None, yes: bool) -> int:
         ids = [row[0] for row in chosen]
     count = outbox.drop_unsure(call_id, ids)
     if call_id is not None and count == 0:
-        return _nothing_for(call_id, "unsure hangups")
+        return _nothing_for(call_id, "no unsure hangups")
     print(f"{count} unsure hangups forgotten" + (f" (call {call_id})" if call_id else ""))
     return EXIT_OK

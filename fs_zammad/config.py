@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import urllib.request
 from pathlib import Path
 from typing import Mapping
@@ -110,8 +111,8 @@ def redact_url(url: str) -> str:
 
 def proxy_for(url: str, env: Mapping[str, str]) -> str:
     """The proxy the environment names for this Zammad URL ("" for none or NO_PROXY),
-    read as requests reads it: the lowercase variable first (set but empty: no proxy),
-    and a bare host:port means http://. ConfigError for one fs-zammad cannot use
+    read as Python's urllib reads it: the lowercase variable first (set but empty: no
+    proxy), and a bare host:port means http://; ALL_PROXY is not read. ConfigError for one fs-zammad cannot use
     (socks, garbage)."""
     parts = urlsplit(url)
     names = (f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY")
@@ -132,7 +133,9 @@ def proxy_for(url: str, env: Mapping[str, str]) -> str:
         usable = False
     if not usable:
         scheme, found, rest = raw.partition("://")  # the first "://": a password may hold one
-        shown = (f"{scheme}://" if found else "") + (rest if found else raw).rpartition("@")[2]
+        if not (found and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme)):
+            scheme, rest = "", raw  # "u:pw://x@h": no scheme, all of it may be user:password
+        shown = (f"{scheme}://" if scheme else "") + rest.rpartition("@")[2]
         raise ConfigError(f"{name}={shown!r} is not a proxy fs-zammad can use for "
                           f"{redact_url(url)}: set an http:// or https:// proxy like "
                           f"http://proxy.example:3128, or add {parts.hostname} to NO_PROXY")

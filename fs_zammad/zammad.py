@@ -229,21 +229,22 @@ class NotAnswered(Exception):
 
 
 def network_outcome(exc: BaseException, before: BaseException | None = None,
-                    raised: BaseException | None = None) -> Outcome:
+                    wrapper: BaseException | None = None) -> Outcome:
     """Connection trouble (urllib3's exceptions; an OSError that escaped them): was the
     request possibly received? Only a failure before it left proves it was not.
     `before` is the exception the caller was already handling when it sent the
-    request (if any): the one raised for the request may be chained to it. `raised`
-    is the error that carried `exc` out of urllib3, when that was another one."""
+    request (if any): the one raised for the request may be chained to it. `wrapper`
+    is the ProxyError that carried `exc` out of urllib3, if one did."""
     text = " ".join(str(exc).split())
     if isinstance(exc, u3x.ProxyError):
         # urllib3 says ProxyError whenever its connection no longer counts as connected
         # to the proxy, and closing a connection resets that: a proxy that read the
         # request and then closed or reset the connection ends here too. What happened
         # is the wrapped error, judged like any other (with the ProxyError's traceback).
-        inner = network_outcome(exc.original_error, before, raised=exc)
+        inner = network_outcome(exc.original_error, before, wrapper=exc)
         return replace(inner, detail=f"proxy: {inner.detail}")
-    connecting = _while_connecting(raised or exc, before)
+    connecting = _while_connecting(exc, before) or (
+        wrapper is not None and _while_connecting(wrapper, before))
     if isinstance(exc, u3x.SSLError):
         reason = re.search(r"\[SSL: [A-Z_]+\][^'\")]*", text)
         detail = f"TLS error: {(reason.group(0) if reason else text)[:200]}"
@@ -348,11 +349,11 @@ class ZammadHttp:
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, str, dict]:
         """-> (status, body text, headers); raises NotAnswered without an answer."""
-        handling = sys.exc_info()[1]
+        before = sys.exc_info()[1]  # what the caller was handling: not this request's error
         try:
             return self._request(method, path, body, headers)
         except (u3x.HTTPError, OSError) as exc:
-            raise NotAnswered(network_outcome(exc, handling)) from None
+            raise NotAnswered(network_outcome(exc, before)) from None
 
     def _request(self, method: str, path: str, body: bytes | str | None,
                  headers: dict[str, str] | None) -> tuple[int, str, dict]:

@@ -206,6 +206,8 @@ def test_unsure_hangups_that_arrived_are_dropped_only_when_named_or_confirmed(
     for args in (("drop",), ("drop", "--unsure")):   # nothing named; no terminal, no --yes
         refused = cli(service.env, *args)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused
+    plain = cli(service.env, "retry", "--call", unsure[0])   # its hangup needs --unsure
+    assert plain.returncode == 1 and "add --unsure" in plain.stderr, plain
     one = cli(service.env, "drop", "--call", unsure[0])
     assert one.returncode == 0 and f"1 unsure hangups forgotten (call {unsure[0]})" in one.stdout
     for args in (("drop", "--call", unsure[0]), ("retry", "--call", "no-such-call")):

@@ -66,7 +66,8 @@ CTI = {"ZAMMAD_CTI_URL": "https://z.example.com/api/v1/cti/tok3n-xyz"}
 
 @pytest.mark.parametrize("proxy", ["socks5://u:pw@h:1080", "ftp://h", "http://h:99999",
                                    "http://h:port", "http://[::1", "u:pw@h:x", "://",
-                                   "http://u:pw://x@h:x"])
+                                   "http://u:pw://x@h:x", "u:pw://x@h:x", "u:pw@h://x",
+                                   "u:pw@proxy://3128"])
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
 def test_a_proxy_variable_fs_zammad_cannot_use_is_a_configuration_error(proxy, variable):
     with pytest.raises(ConfigError) as err:

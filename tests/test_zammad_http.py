@@ -312,11 +312,13 @@ NOT_SENT = {
 def test_a_request_that_never_left_is_not_sent(case, no_proxy_set, request):
     setup, words = NOT_SENT[case]
     world = World(no_proxy_set, request)
+    client = None
     try:
         client = ZammadClient(setup(world), timeout=1)
         outcome = client.post(FIELDS)
-        client.close()
     finally:
+        if client is not None:
+            client.close()
         for server in world.servers:
             server.close()
     assert outcome.kind == ZAMMAD_DOWN and not outcome.maybe_processed, outcome
