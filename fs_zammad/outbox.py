@@ -562,14 +562,8 @@ class Outbox:
         that are never in flight: safe while the service runs, which sees
         them within a second (:meth:`changed_elsewhere`).
         """
-        where = "state IN ('failed', 'unsure')" if unsure else "state='failed'"
-        args: list = []
-        if call_id is not None:
-            where += " AND call_id=?"
-            args.append(call_id)
-        if ids is not None:
-            where += " AND id IN (SELECT value FROM json_each(?))"
-            args.append(json.dumps(list(ids)))
+        where, args = _set_aside("state IN ('failed', 'unsure')" if unsure
+                                 else "state='failed'", call_id, ids)
         n = self.db.execute(f"UPDATE outbox SET state='pending', next_at=0, attempts=0, sending=0 "
                             f"WHERE {where}", args).rowcount
         self.pending += n
@@ -580,13 +574,7 @@ class Outbox:
         Zammad's caller log shows them arrived. Only unsure rows (a refused event, say a
         voicemail's ticket job, is never dropped along with them), never pending, never
         in flight: safe while the service runs."""
-        where, args = "state='unsure'", []
-        if call_id is not None:
-            where += " AND call_id=?"
-            args.append(call_id)
-        if ids is not None:
-            where += " AND id IN (SELECT value FROM json_each(?))"
-            args.append(json.dumps(list(ids)))
+        where, args = _set_aside("state='unsure'", call_id, ids)
         return self.db.execute(f"DELETE FROM outbox WHERE {where}", args).rowcount
 
     def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple],
@@ -634,3 +622,16 @@ def is_damage(exc: BaseException) -> bool:
         return code & 0xFF in DAMAGE_CODES
     text = str(exc)
     return "malformed" in text or "not a database" in text
+
+
+def _set_aside(states: str, call_id: str | None, ids: Sequence[int] | None) -> tuple[str, list]:
+    """The WHERE clause (and its arguments) for set-aside rows in ``states``, of one
+    call and/or of these ids: what the admin's retry and drop commands name."""
+    where, args = states, []
+    if call_id is not None:
+        where += " AND call_id=?"
+        args.append(call_id)
+    if ids is not None:
+        where += " AND id IN (SELECT value FROM json_each(?))"
+        args.append(json.dumps(list(ids)))
+    return where, args
