@@ -112,8 +112,8 @@ def redact_url(url: str) -> str:
 def proxy_for(url: str, env: Mapping[str, str]) -> str:
     """The proxy the environment names for this Zammad URL ("" for none or NO_PROXY),
     read as Python's urllib reads it: the lowercase variable first (set but empty: no
-    proxy), and a bare host:port means http://; ALL_PROXY is not read. ConfigError for one fs-zammad cannot use
-    (socks, garbage)."""
+    proxy), and a bare host:port means http://; ALL_PROXY is not read. ConfigError
+    for one fs-zammad cannot use (socks, garbage)."""
     parts = urlsplit(url)
     names = (f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY")
     name = next((name for name in names if name in env), None)
