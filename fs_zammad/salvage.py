@@ -79,8 +79,9 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
 
 def salvage(path: Path) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
     """(outbox rows as COLUMNS, calls rows, finished rows, events lost or None if
-    unknown) of a damaged file. Read from a copy, so that the file moved aside stays as it was found (and a
-    truncated one can be padded); with no room for a copy, from the file, read-only."""
+    unknown) of a damaged file. Read from a copy, so that the file moved aside stays
+    as it was found (and a truncated one can be padded); with no room for a copy,
+    from the file, read-only."""
     if not path.is_file():
         return [], [], [], None
     try:
