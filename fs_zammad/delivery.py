@@ -182,7 +182,10 @@ class Delivery:
                 self._pause()
 
     def _pause(self) -> None:
-        self._paused_until = time.monotonic() + backoff(self._down_failures, self.retry_max)
+        # Never shorter than a pause already running: a request in flight when Zammad
+        # asked for Retry-After may fail afterwards, and must not cut that short.
+        self._paused_until = max(self._paused_until, time.monotonic()
+                                 + backoff(self._down_failures, self.retry_max))
         self._down_failures += 1
 
     def _send(self, row: Row) -> None:
@@ -255,7 +258,7 @@ class Delivery:
                           "request that stores nothing asks every %.0f s until Zammad itself "
                           "answers", self.problem, self.outbox.pending_for(self.instance),
                           self.retry_max)
-            self._paused_until = now + self.retry_max
+            self._paused_until = max(self._paused_until, now + self.retry_max)
         elif outcome.kind == zammad.THROTTLED:
             if not self._throttled:
                 log.warning("Zammad%s is busy (HTTP %d): %s; nothing is sent to it before then",

@@ -35,14 +35,17 @@ def _char_forms(char: str) -> str:
 
 
 class Redactor:
-    """Replaces every secret with ``***``: as it is, percent-encoded (either hex
-    case) or HTML-escaped. Text without ``%`` or ``&`` (nearly every log line)
-    takes the quick path of plain replacement."""
+    """Replaces every secret with ``***``: as it is, in any letter case (a proxy may
+    echo the path upper-cased, and a token's case is most of its secret),
+    percent-encoded (either hex case) or HTML-escaped. Text without ``%`` or ``&``
+    and without a secret (nearly every log line) is left as it is after one look."""
 
     def __init__(self, secrets):
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._folded = [s.lower() for s in self.secrets]
         self.pattern = re.compile("|".join("".join(_char_forms(c) for c in s)
-                                           for s in self.secrets)) if self.secrets else None
+                                           for s in self.secrets), re.I) \
+            if self.secrets else None
         self._encoded_marks = "%&" + ("+" if any(" " in s for s in self.secrets) else "")
 
     def needed(self, text: str) -> bool:
@@ -50,20 +53,16 @@ class Redactor:
         for mark in self._encoded_marks:
             if mark in text:
                 return True
-        for secret in self.secrets:
-            if secret in text:
+        folded = text.lower()
+        for secret in self._folded:
+            if secret in folded:
                 return True
         return False
 
     def __call__(self, text: str) -> str:
         if not text or not self.needed(text):
             return text
-        for mark in self._encoded_marks:
-            if mark in text:
-                return self.pattern.sub("***", text)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return self.pattern.sub("***", text)
 
 
 class RedactSecrets(logging.Filter):

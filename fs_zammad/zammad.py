@@ -99,6 +99,16 @@ def is_json_type(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+# A page for people: an HTML document's start (after a BOM, an XML declaration and
+# comments). Not every body that starts with "<": a relay's XML answer is no page.
+_HTML_PAGE = re.compile(r"\ufeff?\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*"
+                        r"<(?:!doctype\s+html|html[\s>])", re.I | re.S)
+
+
+def is_html_page(body: str) -> bool:
+    return _HTML_PAGE.match(body[:65536]) is not None
+
+
 def page_title(body: str, limit: int = 80) -> str:
     found = re.search(r"<title[^>]*>(.*?)</title>", (body or "")[:65536], re.S | re.I)
     return " ".join(html.unescape(found.group(1)).split())[:limit] if found else ""
@@ -146,9 +156,9 @@ def _not_zammads_answer(status: int, content_type: str, body: str, setting: str)
         words.append("empty body")
     # An HTML page on a 200 is someone's page for people (a login form, a holding
     # page, a web site), given instead of passing the request on; a 4xx refuses
-    # it. Any other 2xx (Zammad's {} with a wrong Content-Type, a relay's "OK"
-    # or 202) may come from something that did pass it on.
-    passed_on = 200 <= status < 300 and not (status == 200 and body.lstrip().startswith("<"))
+    # it. Any other 2xx (Zammad's {} with a wrong Content-Type, a relay's "OK",
+    # its XML, a 202) may come from something that did pass it on.
+    passed_on = 200 <= status < 300 and not (status == 200 and is_html_page(body))
     return Outcome(NOT_ZAMMAD, status,
                    f"{setting} answered HTTP {status} ({', '.join(words)}), not Zammad's CTI "
                    f"answer (a JSON object): a login page, a proxy or a wrong URL is in the "

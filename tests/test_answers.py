@@ -5,6 +5,7 @@ hangup a second copy would harm never sent again after an answer that may mean
 import email.utils
 import json
 import logging
+import string
 import time
 
 import gevent
@@ -66,9 +67,17 @@ ANSWERS = [
     (200, "text/html", "<html><title>Back soon</title></html>", "newCall", NOT_ZAMMAD, WAIT,
      WAIT),
     (200, "", "  <html>no content type</html>", "hangup", NOT_ZAMMAD, WAIT, WAIT),
+    (200, HTML, "\ufeff<!-- sso -->\n<HTML lang=en><title>Login</title>", "hangup", NOT_ZAMMAD,
+     WAIT, WAIT),
+    (200, "application/xhtml+xml", '<?xml version="1.0"?>\n<!DOCTYPE html PUBLIC "-//W3C//DTD '
+     'XHTML 1.0 Strict//EN"><html><title>Login</title></html>', "hangup", NOT_ZAMMAD, WAIT, WAIT),
     # 2xx that something may have passed on: Zammad's {} relabelled, a relay's OK, 202, 204
     (200, "text/html", "{}", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, "text/plain", "OK", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
+    (200, "text/xml", '<?xml version="1.0"?><response><status>OK</status></response>', "hangup",
+     NOT_ZAMMAD, WAIT, UNSURE),
+    (200, JSON, "<ok/>", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
+    (200, "text/html", "<p>Accepted</p>", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, JSON, "[]", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, JSON, '{"error":"Unauthorized"}', "hangup", NOT_ZAMMAD, WAIT, UNSURE),
     (200, JSON, "", "hangup", NOT_ZAMMAD, WAIT, UNSURE),
@@ -125,14 +134,18 @@ def test_without_an_answer(outcome, fate_once):
 
 def proves_not_processed(status: int, body: str) -> bool:
     """The answers the README lists as proof that Zammad did not process the request."""
+    page = body.lstrip("\ufeff \t\r\n").lower()
     return (300 <= status < 500 or status == 503
-            or (status == 200 and body.lstrip().startswith("<")))
+            or (status == 200 and page.startswith(("<!doctype html", "<html>", "<html "))))
 
 
 content_types = st.sampled_from(["application/json", JSON, "application/problem+json",
                                  "text/html", HTML, "text/plain", "", "application/xml"])
 bodies = st.one_of(st.text(max_size=80), st.just("{}"), st.just('{"error":"x"}'),
-                   st.just(LOGIN), st.just("[]"), st.just("null"), st.just('"{}"'))
+                   st.just(LOGIN), st.just("[]"), st.just("null"), st.just('"{}"'),
+                   st.builds(str.__add__, st.sampled_from(["<", "<?xml ?>", "\ufeff<html>",
+                                                           "<HTML ", "<!-- x -->"]),
+                             st.text(max_size=40)))
 
 
 @settings(max_examples=300)
@@ -300,12 +313,24 @@ SPECIAL = "t/k+n%3 ü&x"   # a token that needs percent-encoding in every form
     lambda t: "upstream " + __import__("urllib.parse").parse.quote(t, safe=""),
     lambda t: "upstream " + __import__("urllib.parse").parse.quote_plus(t),
     lambda t: "page " + __import__("html").escape(t),
+    lambda t: f"ERROR FOR /API/V1/CTI/{t.upper()}",
+    lambda t: "upstream " + __import__("urllib.parse").parse.quote(t, safe="").upper(),
 ])
 def test_every_form_of_the_token_is_redacted(echo):
     text = logs.Redactor([SPECIAL, "esl-pw"])(echo(SPECIAL) + " and esl-pw")
     assert "***" in text and "esl-pw" not in text
     for form in ("t/k", "n%3", "%2F", "%2f", "k+n", "&amp;x"):
         assert form not in text.replace("***", ""), text
+
+
+@settings(max_examples=200)
+@given(st.text(string.ascii_letters + string.digits + "-_", min_size=8, max_size=40),
+       st.lists(st.booleans(), min_size=40, max_size=40), st.text(max_size=20))
+def test_the_token_in_any_letter_case_is_redacted(token, upper, around):
+    # a token of the characters a URL path carries as they are (ASCII letters case-fold)
+    echoed = "".join(c.upper() if up else c.lower() for c, up in zip(token, upper))
+    text = logs.Redactor([token])(f"{around}/api/v1/cti/{echoed} {around}")
+    assert echoed not in text and "***" in text, (token, echoed, text)
 
 
 def test_log_fields_are_redacted_in_text_and_json(capsys):

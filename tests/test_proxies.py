@@ -18,6 +18,7 @@ from tests import synth
 from tests.support.proxy import (
     FORWARD,
     FORWARD_THEN_CLOSE,
+    Action,
     Proxy,
     answer,
     forward_then,
@@ -77,7 +78,8 @@ def run(env, *args) -> subprocess.CompletedProcess:
 
 
 def token_forms(token: str) -> list[str]:
-    return [token, quote(token, safe=""), "".join(f"%{b:02x}" for b in token.encode())]
+    forms = [token, quote(token, safe=""), "".join(f"%{b:02x}" for b in token.encode())]
+    return forms + [form.upper() for form in forms]  # (a proxy may echo the path upper-cased)
 
 
 def healthz(port: int, want: int, timeout: float = 10.0) -> dict:
@@ -265,6 +267,38 @@ def test_retry_after_is_respected(case, start_service, fake_fs, zammad, proxy):
     assert not [x for x in service.lines if "unsure" in x or "may have reached" in x]
 
 
+def test_retry_after_is_not_cut_short_by_a_request_that_fails_after_it(
+        start_service, fake_fs, zammad, proxy):
+    """Two newCalls in flight: the second gets 429 Retry-After: 3, the first a 502 just
+    after it. The 502's backoff (about half a second) must not end the wait early."""
+    answered = []
+
+    def slow_502_then_429(request):
+        if request.is_probe or len(answered) >= 2:
+            return FORWARD
+        answered.append(request)
+        if len(answered) == 1:
+            return Action(False, 502, "<html><title>502</title></html>", hang=0.6)
+        return answer(429, "", Retry_After="3")
+
+    proxy.behaviour = slow_502_then_429
+    start_service(ZAMMAD_CTI_URL=proxy.url(zammad.token), ZAMMAD_CONCURRENCY="4")
+    calls = [missed_call("4930510001"), missed_call("4930510002")]
+    emit_all(fake_fs, calls[0][1][:2] + calls[1][1][:2])     # both newCalls at once
+    proxy.wait_for(lambda: len(answered) == 2 and all(r.answered for r in answered))
+    throttled = next(r for r in answered if r.action.status == 429)
+    for _, events in calls:
+        emit_all(fake_fs, events[2:])
+    zammad.wait_for(lambda: all(zammad.requests_for(a.uuid) and
+                                zammad.requests_for(a.uuid)[-1].event == "hangup"
+                                for a, _ in calls), timeout=20)
+    after = [r.arrived - throttled.answered for r in proxy.requests
+             if r.arrived > throttled.answered]
+    assert after and min(after) >= 3 - 0.05, after   # nothing, not even a probe, before then
+    assert [[r.event for r in zammad.requests_for(a.uuid)] for a, _ in calls] == \
+        [["newCall", "hangup"]] * 2
+
+
 # -- 4: stores, then fails ----------------------------------------------------------
 
 def echo_page(status: int, path: str) -> str:
@@ -282,6 +316,11 @@ STORES_THEN_FAILS = {
     "connection closed": (lambda path: FORWARD_THEN_CLOSE, {}, True),
     "no answer in time": (lambda path: forward_then_hang(2.0), {"ZAMMAD_TIMEOUT": "0.5"}, True),
     "a relay's 200 OK": (lambda path: forward_then(200, "OK", "text/plain"), {}, True),
+    "a relay's 200 XML": (lambda path: forward_then(200, '<?xml version="1.0"?><response>'
+                                                    "<status>OK</status></response>", "text/xml"),
+                          {}, True),
+    "502 echoing the path upper-cased": (lambda path: forward_then(502, echo_page(502, path.upper())),
+                                         {}, True),
     # control: a 503 before the request was read proves nothing was processed
     "503 not passed on": (lambda path: answer(503, echo_page(503, path)), {}, False),
 }
