@@ -120,8 +120,9 @@ def parse_retry_after(value: str, now: float) -> float | None:
     value = (value or "").strip()
     if not value:
         return None
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        return float(value)
+    if re.fullmatch(r"\d+(\.\d+)?(\s*,\s*\d+(\.\d+)?)*", value):
+        # (the header twice arrives joined by ", ": the longer wait counts)
+        return max(float(part) for part in value.split(","))
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

@@ -252,7 +252,8 @@ def test_a_bug_after_a_missed_calls_hangup_left_makes_it_unsure_not_resent():
 
 @pytest.mark.parametrize("value,seconds", [
     ("120", 120.0), (" 5 ", 5.0), ("0", 0.0), ("1.5", 1.5), ("", None), ("soon", None),
-    ("-5", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ("-5", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("1, 2", 2.0), ("30,5", 30.0),
+    ("1,", None),
 ])
 def test_retry_after_values(value, seconds):
     assert parse_retry_after(value, now=2e9) == seconds
