@@ -113,9 +113,12 @@ def _run_command(args) -> int:
         except sqlite3.Error as exc:  # a full disk or a permission: the file itself is sound
             from fs_zammad.outbox import write_trouble
 
+            trouble = write_trouble(exc)
+            fix = "free space there" if trouble == "disk full" else \
+                "let this user write it (chown or chmod; a 'sudo fs-zammad run' leaves root's files)"
             print(f"fs-zammad: cannot start: cannot open the outbox in STATE_DIR="
-                  f"{settings.state_dir}: {write_trouble(exc)} ({exc}); free space there or let "
-                  "this user write it: what it holds is kept for the next start", file=sys.stderr)
+                  f"{settings.state_dir}: {trouble} ({exc}); {fix}: what it holds is kept for "
+                  "the next start", file=sys.stderr)
             return EXIT_FAILED
         except OSError as exc:  # the outbox directory, the metrics port
             print(f"fs-zammad: cannot start: {exc} (STATE_DIR={settings.state_dir}, "

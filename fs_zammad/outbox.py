@@ -166,6 +166,9 @@ def write_trouble(exc: BaseException) -> str:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; 13 is SQLITE_FULL
     if code == 13 or "full" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
         return "disk full"
+    if (code or 0) & 0xFF == 8 or "readonly" in str(exc):  # SQLITE_READONLY and its kinds
+        return (f"this user (uid {os.getuid()}) cannot write the outbox or its -wal/-shm "
+                "files (their owner or mode, a read-only mount)")
     return str(exc) or type(exc).__name__
 
 
@@ -196,6 +199,10 @@ class Outbox:
                                                  check_same_thread=False)
         self.db.executescript(SCHEMA)
         self._add_once_column()
+        # SQLite opens a file this user may not write (another owner, mode 0444, an
+        # -shm it cannot make) read-only without a word: say so now, not at the
+        # first call, whose events would then only wait in memory.
+        self.db.execute("UPDATE outbox SET id=id WHERE 0")
         self.recount()
 
     def _init_state(self) -> None:

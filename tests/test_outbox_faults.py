@@ -308,6 +308,38 @@ def test_cli_as_the_wrong_user_says_so_in_one_line(mode):
         shutil.rmtree(top)
 
 
+@pytest.mark.parametrize("setup", ["the file is root's", "its -shm is a directory"])
+def test_an_outbox_the_service_cannot_write_stops_the_start_in_one_line(setup):
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="fs-zammad-ro-")
+    os.chmod(top, 0o755)
+    state = pathlib.Path(top) / "state"
+    Outbox(state / "outbox.sqlite3").close()
+    before = (state / "outbox.sqlite3").read_bytes()
+    command = [FS_ZAMMAD, "run"]
+    if setup == "the file is root's":
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            pytest.skip("needs root to run the service as another user")
+        state.chmod(0o777)   # the directory may be written (lock, -wal), the file may not
+        (state / "outbox.sqlite3").chmod(0o644)
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    else:
+        (state / "outbox.sqlite3-shm").mkdir()
+    try:
+        env = base_env(state_dir=state, ZAMMAD_CTI_URL="http://127.0.0.1:9/api/v1/cti/t0k")
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+        out = (done.stdout + done.stderr).strip()
+        assert done.returncode == 1 and "Traceback" not in out, out
+        errors = [x for x in out.splitlines() if "cannot start" in x]
+        assert len(errors) == 1 and "cannot write the outbox" in errors[0], out
+        # nothing moved aside, nothing lost: the file is there for the next start
+        assert (state / "outbox.sqlite3").read_bytes() == before
+        assert not list(state.glob("*.damaged-*"))
+    finally:
+        shutil.rmtree(top)
+
+
 def run_as_nobody(state):
     for args in (("list",), ("retry",)):
         done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
