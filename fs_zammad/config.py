@@ -101,12 +101,27 @@ def redact_url(url: str) -> str:
     """The CTI URL with its token replaced, safe for logs."""
     if not url:
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # "http://[::1", a port that is no number: no host worth showing
+        return "(an unreadable URL)"
     head, _, _token = parts.path.rstrip("/").rpartition("/")
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    if port:
+        netloc += f":{port}"
     return urlunsplit((parts.scheme, netloc, f"{head}/***", "", ""))
+
+
+def _usable_http(url: str) -> bool:
+    """An http(s) URL with a host one can connect to (and a port, if given, that is one)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # "http://[::1", a port that is no number or beyond 65535
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0 \
+        and not re.search(r"[\s<>\"{}|\\^`]", parts.netloc)
 
 
 def proxy_for(url: str, env: Mapping[str, str]) -> str:
@@ -242,10 +257,10 @@ def _zammad_url(env, name: str = "ZAMMAD_CTI_URL") -> str:
     url = _read_secret(env, name)
     if not url:
         return ""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not _usable_http(url):
         raise ConfigError(f"{name}={redact_url(url) or '***'!s} must be an http(s) URL like "
                           "https://zammad.example.com/api/v1/cti/<token>")
+    parts = urlsplit(url)
     if "/api/v1/cti/" not in parts.path or not parts.path.rstrip("/").rpartition("/")[2]:
         raise ConfigError(f"{name}={redact_url(url)} must end in /api/v1/cti/<token> "
                           "(copy it from Zammad: Admin > Integrations > CTI (generic))")
@@ -272,9 +287,7 @@ def _instances(env, default_url: str) -> dict[str, str]:
 
 def _http_url(env, name: str) -> str:
     url = env.get(name, "").strip().rstrip("/")
-    parts = urlsplit(url)
-    if url and (parts.scheme not in ("http", "https") or not parts.hostname
-                or parts.username or parts.query):
+    if url and (not _usable_http(url) or urlsplit(url).username or urlsplit(url).query):
         raise ConfigError(f"{name} must be an http(s) URL like https://zammad.example.com")
     return url
 

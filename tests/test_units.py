@@ -43,11 +43,22 @@ def test_defaults_need_no_environment():
     assert settings.external_contexts == {"public"}
 
 
+CTI_OK = {"ZAMMAD_CTI_URL": "https://z.example.com/api/v1/cti/tok3n"}
+
+
 @pytest.mark.parametrize("env,names", [
     ({"FREESWITCH_PORT": "80a"}, "FREESWITCH_PORT"),
     ({"FREESWITCH_PORT": "70000"}, "FREESWITCH_PORT"),
     ({"ZAMMAD_CTI_URL": "zammad.example.com"}, "ZAMMAD_CTI_URL"),
     ({"ZAMMAD_CTI_URL": "https://zammad.example.com/api/v1/other"}, "ZAMMAD_CTI_URL"),
+    # URLs no connection can be made to: a broken IPv6 host, a port that is none
+    ({"ZAMMAD_CTI_URL": "https://[::1/api/v1/cti/tok3n"}, "ZAMMAD_CTI_URL"),
+    ({"ZAMMAD_CTI_URL": "http://h:99999/api/v1/cti/tok3n"}, "ZAMMAD_CTI_URL"),
+    ({"ZAMMAD_CTI_URL": "http://h:port/api/v1/cti/tok3n"}, "ZAMMAD_CTI_URL"),
+    ({"ZAMMAD_CTI_URL": "http://127.0.0.1:0/api/v1/cti/tok3n"}, "ZAMMAD_CTI_URL"),
+    ({"ZAMMAD_CTI_URL": "http://exa mple.com/api/v1/cti/tok3n"}, "ZAMMAD_CTI_URL"),
+    ({**CTI_OK, "ZAMMAD_API_TOKEN": "t", "ZAMMAD_API_URL": "http://[::1"}, "ZAMMAD_API_URL"),
+    ({**CTI_OK, "ZAMMAD_API_TOKEN": "t", "ZAMMAD_API_URL": "http://z:70000"}, "ZAMMAD_API_URL"),
     ({"ZAMMAD_TLS_VERIFY": "maybe"}, "ZAMMAD_TLS_VERIFY"),
     ({"ZAMMAD_CAUSE_MAP": "USER_BUSY=later"}, "ZAMMAD_CAUSE_MAP"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
@@ -57,8 +68,9 @@ def test_defaults_need_no_environment():
     ({"ZAMMAD_CONCURRENCY": "0"}, "ZAMMAD_CONCURRENCY"),
 ])
 def test_bad_values_name_the_variable(env, names):
-    with pytest.raises(ConfigError, match=names):
+    with pytest.raises(ConfigError, match=names) as err:
         load_settings(env)
+    assert "tok3n" not in str(err.value)
 
 
 CTI = {"ZAMMAD_CTI_URL": "https://z.example.com/api/v1/cti/tok3n-xyz"}
