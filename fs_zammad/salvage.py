@@ -21,6 +21,9 @@ from fs_zammad.outbox import COLUMNS, SIDE_JOB, Outbox, is_damage
 
 log = logging.getLogger("fs_zammad.outbox")
 
+WITHOUT_WAL = ("carried from a damaged outbox without its -wal: this hangup may have reached "
+               "Zammad already")
+
 def open_outbox(path: str | Path, max_events: int = 200_000,
                 background_checkpoint: bool = False) -> Outbox:
     """The service's outbox. A file SQLite cannot read, or one that fails its
@@ -88,9 +91,11 @@ def salvage(path: Path) -> tuple[list[tuple], list[tuple], list[tuple], int | No
         with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
             copy = Path(tmp) / "outbox.sqlite3"
             shutil.copyfile(path, copy)
-            if os.path.isfile(f"{path}-wal"):
-                shutil.copyfile(f"{path}-wal", f"{copy}-wal")
             _pad_truncated(copy)
+            if os.path.isfile(f"{path}-wal") and os.path.getsize(f"{path}-wal"):
+                if _sound(copy):  # the file alone is whole: its -wal made the damage
+                    return _without_wal(*_salvage_file(str(copy)))
+                shutil.copyfile(f"{path}-wal", f"{copy}-wal")
             return _salvage_file(str(copy))
     except OSError as exc:
         log.warning("no room to copy the damaged outbox (%s); reading it in place", exc)
@@ -107,6 +112,37 @@ def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], list[tuple], int
         return _salvage_rows(db, present)
     finally:
         db.close()
+
+
+def _sound(path: Path) -> bool:
+    """Does this file (alone, without a -wal) pass SQLite's check and hold an outbox?"""
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            return [r[0] for r in db.execute("PRAGMA quick_check")] == ["ok"] and \
+                db.execute("SELECT count(*) FROM outbox").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+
+
+def _without_wal(rows, calls, finished, lost):
+    """What the file held without its -wal (one from another database, say a backup
+    restored beside a stale one, or damaged itself): the commits since its last
+    checkpoint are lost, among them the deletes of events Zammad had taken. So a
+    missed call's hangup is not sent again blindly: it is unsure, for the admin."""
+    log.error("the outbox's -wal does not fit the outbox (another database's, or damaged): "
+              "what the outbox held before it is carried over; a missed call's hangup from "
+              "it may have reached Zammad already, so each is kept as unsure "
+              "('fs-zammad outbox list')")
+    state, error, once = (COLUMNS.index(c) for c in ("state", "last_error", "once"))
+    carried = []
+    for row in rows:
+        if row[once] and row[state] == "pending":
+            row = (*row[:state], "unsure", WITHOUT_WAL, *row[error + 1:])
+        carried.append(row)
+    return carried, calls, finished, lost
 
 
 def _pad_truncated(path: Path) -> None:

@@ -471,6 +471,33 @@ def test_damaged_outbox_is_moved_aside_and_what_can_be_read_is_delivered(
     zammad.wait_for(lambda: hangups_by_call(zammad).get(a.uuid) == 1, timeout=15)
 
 
+def test_a_wal_of_another_outbox_loses_nothing_and_doubles_no_hangup(
+        start_service, fake_fs, zammad, tmp_path):
+    """Another outbox's -wal beside this one (a main file restored from a backup beside
+    a stale -wal; one copied over): its frames are valid, so SQLite applies them and
+    the outbox reads as garbage. The main file alone is whole: its rows are carried
+    over. The deletes of events Zammad took since its last checkpoint were in the
+    real -wal: a missed call's hangup is unsure, never sent blindly. (A -wal whose own
+    frames are damaged fails their checksums and is ignored: "WAL of garbage" above.)"""
+    state, other = tmp_path / "state", tmp_path / "other"
+    ended, up = write_outbox(state)
+    write_outbox(other, n_ended=5, n_up=0)
+    db = sqlite3.connect(other / "outbox.sqlite3", isolation_level=None)
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("DELETE FROM outbox WHERE id > 3")     # frames for pages of this outbox
+    shutil.copyfile(f"{other}/outbox.sqlite3-wal", f"{state}/outbox.sqlite3-wal")
+    db.close()
+    service = start_service()
+    service.wait_for_log("fs-zammad starting")
+    assert len([x for x in service.lines if "was damaged" in x]) == 1, service.log
+    assert any("-wal does not fit" in x for x in service.lines), service.log
+    zammad.wait_for(lambda: {r.call_id for r in zammad.requests if r.event == "newCall"
+                             and r.status is not None} >= set(ended) | set(up), timeout=30)
+    listing = cli(service.env, "list").stdout
+    assert f"{len(ended)} unsure hangups" in listing, listing
+    assert not [c for c, n in hangups_by_call(zammad).items() if c in ended and n], listing
+
+
 def test_a_damaged_outbox_carries_the_finished_calls_over(tmp_path, caplog):
     """The finished calls kept for their late events (issue 11, point 8) are carried into
     the fresh outbox like the calls in progress: a late event of one of them after the
