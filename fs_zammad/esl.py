@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 
 import gevent
@@ -99,6 +100,13 @@ class _Frame:
     def __init__(self, headers: dict[str, str]):
         self.headers = headers
         self.data = None
+
+
+def _ends_with_its_own_body(event: bytes) -> bool:
+    """An event with a body of its own (BACKGROUND_JOB's result, say) ends with that
+    body, not with a newline: its headers' Content-Length says where."""
+    found = re.search(rb"\nContent-Length: (\d{1,9})\n\n", event)
+    return found is not None and found.end() + int(found.group(1)) == len(event)
 
 
 class _Connection(InboundESL):
@@ -177,12 +185,21 @@ class _Connection(InboundESL):
     def handle_event(self, event):
         headers = event.headers
         content_type = headers.get("Content-Type")
-        if content_type in ("text/event-plain", "text/event-json", "log/data") or (
-                content_type is None and "Content-Length" in headers):
+        # Every frame FreeSWITCH sends names its type, an event frame its length, and an
+        # event ends with a newline. A frame that does not is the sign of a length that
+        # was wrong: what follows is read out of step, so the connection is rebuilt (and
+        # the resync settles the calls whose events went by) rather than events skipped.
+        if content_type is None:
+            raise FrameError("a frame without Content-Type: the stream is out of step")
+        if content_type in ("text/event-plain", "text/event-json", "log/data"):
+            if "Content-Length" not in headers:
+                raise FrameError(f"a {content_type} frame without Content-Length")
             body = self._read_bytes(self.sock_file, self._length(headers, MAX_EVENT_BODY))
             if content_type != "text/event-plain":
-                log.warning("skipped a frame of type %s from FreeSWITCH", content_type or "(none)")
+                log.warning("skipped a frame of type %s from FreeSWITCH", content_type)
                 return
+            if not body.endswith(b"\n") and not _ends_with_its_own_body(body):
+                raise FrameError("an event that does not end where its Content-Length says")
             try:
                 parsed = parse_event_plain(body, self._keep)
             except FrameError as exc:

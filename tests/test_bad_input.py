@@ -14,7 +14,7 @@ import pytest
 from fs_zammad.calls import HEADER_PREFIXES_READ, HEADERS_READ
 from fs_zammad.esl import MAX_EVENT_BODY, MAX_HEAD_LINE, MAX_HEAD_LINES
 from fs_zammad.wire import MAX_VALUE, HeaderFilter, parse_event_plain
-from tests.support.fake_freeswitch import iter_frames
+from tests.support.fake_freeswitch import frame_event, iter_frames, serialize_event
 from tests.test_e2e import answered, emit_all, sentinel_call
 from tests.test_faults import answered_call, assert_caller_log, channels_json, missed_call
 
@@ -102,6 +102,72 @@ def test_oversized_frames_rebuild_the_connection_with_bounded_memory(
     # A generous bound: the service idles at ~40 MB; reading the 64 MB line
     # whole cost 230 MB before the bounds.
     assert peak_rss_mb(service.proc.pid) < 120
+
+
+def _heartbeat() -> bytes:
+    return serialize_event([("Event-Name", "HEARTBEAT"), ("Core-UUID", "c0re"),
+                            ("Event-Info", "System Ready")])
+
+
+def _length_off_by(delta: int):
+    """A HEARTBEAT whose Content-Length says ``delta`` bytes more (or fewer) than it has."""
+    def frame(_next: bytes) -> bytes:
+        body = _heartbeat()
+        return b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % (len(body) + delta) \
+            + body
+    return frame
+
+
+# name -> the bad frame, given the frame that follows it: what is read after it is out of step
+OUT_OF_STEP = {
+    "Content-Length 5 too long": _length_off_by(5),
+    "Content-Length 40 too long": _length_off_by(40),
+    "Content-Length 2 too short": _length_off_by(-2),  # (1 too short leaves a blank line)
+    "Content-Length 7 too short": _length_off_by(-7),
+    "a head without Content-Type": lambda _next: b"Content-Length: 3\n\nabc",
+    "an event without Content-Length": lambda _next: b"Content-Type: text/event-plain\n\n"
+                                                     + _heartbeat(),
+}
+
+
+@pytest.mark.parametrize("inner", ["+OK 7d3f\n", "-ERR no reply", "x" * 5000, ""])
+def test_an_event_with_a_body_of_its_own_ends_with_that_body(inner):
+    """BACKGROUND_JOB and the like end with their own body, not with a newline: in
+    step, never a framing error; one byte more or less, out of step."""
+    from fs_zammad.esl import _ends_with_its_own_body
+
+    event = serialize_event([("Event-Name", "BACKGROUND_JOB"), ("Job-UUID", "j1")], inner)
+    assert event.endswith(b"\n") or _ends_with_its_own_body(event)
+    if inner:
+        assert not _ends_with_its_own_body(event + b"Conte")
+        assert not _ends_with_its_own_body(event[:-1]) or event[:-1].endswith(b"\n")
+
+
+@pytest.mark.parametrize("case", OUT_OF_STEP)
+def test_a_stream_out_of_step_rebuilds_the_connection_and_no_call_is_lost(
+        case, start_service, fake_fs, zammad):
+    """A frame whose length is wrong puts what follows out of step: the hangup right
+    after it must not be skipped as a malformed event. The connection is rebuilt and
+    the resync (the call is no longer up) ends the call in Zammad."""
+    service = start_service()
+    missed, events = missed_call("4931400000")
+    emit_all(fake_fs, events[:-1])
+    zammad.wait_for(lambda: [r.event for r in answered(zammad, missed.uuid)] == ["newCall"])
+    fake_fs.api_responses["show channels as json"] = channels_json()  # nothing is up
+    before = fake_fs.connections_total
+    hangup = frame_event(serialize_event(list(events[-1].items())
+                                         if hasattr(events[-1], "items") else events[-1]))
+    fake_fs.send_raw(OUT_OF_STEP[case](hangup) + hangup)
+    service.wait_for_log("lost FreeSWITCH.*framing error")
+    fake_fs.wait_for_subscription(after=before, timeout=15)
+    zammad.wait_for(lambda: [e for e in zammad.caller_log() if e["callId"] == missed.uuid
+                             and e["hangups"]], timeout=15)
+    sentinel = sentinel_call(fake_fs, zammad)
+    zammad.wait_for(lambda: [e for e in zammad.caller_log() if e["callId"] == sentinel
+                             and e["hangups"]])
+    ended = {e["callId"]: e for e in zammad.caller_log()}
+    assert ended[missed.uuid]["hangups"] == 1 and ended[sentinel]["hangups"] == 1, ended
+    assert "Traceback" not in service.log
 
 
 def test_numbers_with_control_characters_or_overlong_reach_zammad_cleaned(start_service,
