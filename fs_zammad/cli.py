@@ -114,11 +114,17 @@ def _run_command(args) -> int:
             from fs_zammad.outbox import write_trouble
 
             trouble = write_trouble(exc)
-            fix = "free space there" if trouble == "disk full" else \
-                "let this user write it (chown or chmod; a 'sudo fs-zammad run' leaves root's files)"
+            if trouble == "disk full":
+                fix = "free space there"
+            elif "cannot write" in trouble:
+                fix = "let this user write it (chown or chmod; a 'sudo fs-zammad run' leaves root's files)"
+            else:  # e.g. a directory or a dangling link where the outbox or its -wal should be
+                fix = ("check that outbox.sqlite3 and its -wal/-shm there are plain files this "
+                       "user may write, or move them away")
+            said = trouble if trouble == str(exc) else f"{trouble} ({exc})"
             print(f"fs-zammad: cannot start: cannot open the outbox in STATE_DIR="
-                  f"{settings.state_dir}: {trouble} ({exc}); {fix}: what it holds is kept for "
-                  "the next start", file=sys.stderr)
+                  f"{settings.state_dir}: {said}; {fix}: what it holds is kept for the next start",
+                  file=sys.stderr)
             return EXIT_FAILED
         except OSError as exc:  # the outbox directory, the metrics port
             print(f"fs-zammad: cannot start: {exc} (STATE_DIR={settings.state_dir}, "

@@ -308,8 +308,13 @@ def test_cli_as_the_wrong_user_says_so_in_one_line(mode):
         shutil.rmtree(top)
 
 
-@pytest.mark.parametrize("setup", ["the file is root's", "its -shm is a directory"])
-def test_an_outbox_the_service_cannot_write_stops_the_start_in_one_line(setup):
+@pytest.mark.parametrize("setup,words", [
+    ("the file is root's", "cannot write the outbox"),
+    ("its -shm is a directory", "cannot write the outbox"),
+    ("its -wal is a directory", "plain files this user may write"),
+    ("its -wal is a dangling link", "plain files this user may write"),
+])
+def test_an_outbox_the_service_cannot_write_stops_the_start_in_one_line(setup, words):
     import tempfile
 
     top = tempfile.mkdtemp(prefix="fs-zammad-ro-")
@@ -324,15 +329,19 @@ def test_an_outbox_the_service_cannot_write_stops_the_start_in_one_line(setup):
         state.chmod(0o777)   # the directory may be written (lock, -wal), the file may not
         (state / "outbox.sqlite3").chmod(0o644)
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    else:
+    elif setup == "its -shm is a directory":
         (state / "outbox.sqlite3-shm").mkdir()
+    elif setup == "its -wal is a directory":
+        (state / "outbox.sqlite3-wal").mkdir()
+    else:
+        (state / "outbox.sqlite3-wal").symlink_to(pathlib.Path(top) / "gone" / "wal")
     try:
         env = base_env(state_dir=state, ZAMMAD_CTI_URL="http://127.0.0.1:9/api/v1/cti/t0k")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
         out = (done.stdout + done.stderr).strip()
         assert done.returncode == 1 and "Traceback" not in out, out
         errors = [x for x in out.splitlines() if "cannot start" in x]
-        assert len(errors) == 1 and "cannot write the outbox" in errors[0], out
+        assert len(errors) == 1 and words in errors[0], out
         # nothing moved aside, nothing lost: the file is there for the next start
         assert (state / "outbox.sqlite3").read_bytes() == before
         assert not list(state.glob("*.damaged-*"))
