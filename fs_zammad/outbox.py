@@ -78,6 +78,13 @@ LOCK_TRIES = 10  # over a second
 TROUBLE_QUIET = 300.0  # seconds between ERROR lines of a disk that keeps filling up
 COLUMNS = ("id", "call_id", "instance", "event", "fields", "created", "attempts", "next_at",
            "sending", "state", "last_error", "once")
+#: Columns added since the first outboxes: (name, declaration, what old rows mean).
+ADDED_COLUMNS = (
+    ("instance", "TEXT NOT NULL DEFAULT ''", None),  # the one Zammad of the time
+    ("sending", "INTEGER NOT NULL DEFAULT 0", None),
+    # A hangup there may be of the harmful kind, and nothing tells which: each counts.
+    ("once", "INTEGER NOT NULL DEFAULT 0", "UPDATE outbox SET once=1 WHERE event='hangup'"),
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,10 @@ class Row:
 
 class OutboxUnwritable(sqlite3.OperationalError):
     """A hangup's sending mark could not be stored: the hangup must not go out yet."""
+
+
+class NotAnOutbox(sqlite3.DatabaseError):
+    """A file SQLite reads whose outbox table fs-zammad never wrote: damage, for us."""
 
 
 class OutboxInUse(Exception):
@@ -197,8 +208,8 @@ class Outbox:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
             self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
                                                  check_same_thread=False)
+        self._add_new_columns()
         self.db.executescript(SCHEMA)
-        self._add_once_column()
         # SQLite opens a file this user may not write (another owner, mode 0444, an
         # -shm it cannot make) read-only without a word: say so now, not at the
         # first call, whose events would then only wait in memory.
@@ -233,13 +244,21 @@ class Outbox:
         self.db.execute("SELECT count(*) FROM outbox WHERE 0").fetchone()  # readable at all?
         return self
 
-    def _add_once_column(self) -> None:
-        """Outboxes written before the ``once`` column: a hangup there may be of
-        the harmful kind, and nothing tells which, so each counts as one."""
+    def _add_new_columns(self) -> None:
+        """Outboxes written by an earlier fs-zammad get the columns added since (before
+        SCHEMA, whose indexes name them); one that lacks others is no outbox of ours."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(outbox)")}
-        if "once" not in columns:
-            self.db.execute("ALTER TABLE outbox ADD COLUMN once INTEGER NOT NULL DEFAULT 0")
-            self.db.execute("UPDATE outbox SET once=1 WHERE event='hangup'")
+        if not columns:
+            return  # a new file: SCHEMA makes the table whole
+        added = [added for added in ADDED_COLUMNS if added[0] not in columns]
+        missing = [name for name in COLUMNS if name not in columns | {a[0] for a in added}]
+        if missing:
+            raise NotAnOutbox(f"its outbox table has no {', '.join(missing)}: not written by "
+                              "fs-zammad")
+        for name, declaration, old_rows in added:
+            self.db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {declaration}")
+            if old_rows:
+                self.db.execute(old_rows)
 
     def recover_cut_off(self) -> int:
         """A hangup cut off by a crash may have reached Zammad: never resend it blindly.
@@ -622,6 +641,8 @@ def is_damage(exc: BaseException) -> bool:
     error" (the -shm cannot grow) and a permission as "unable to open", and
     moving a sound file aside for either would strand every event in it.
     """
+    if isinstance(exc, NotAnOutbox):
+        return True
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+

@@ -163,10 +163,10 @@ def _salvage_rows(db: sqlite3.Connection, present: list[str]
                   ) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
     if "id" not in present:
         return [], [], [], None
-    # A file from before the ``once`` column: every hangup counts as one (as in
-    # Outbox._add_once_column), nothing else does.
-    wanted = [c if c in present else "(event='hangup') AS once" if c == "once" else f"0 AS {c}"
-              for c in COLUMNS]
+    # A file from before a column was added: what its rows mean (as in
+    # Outbox._add_new_columns: every hangup counts as a once-hangup).
+    missing = {"instance": "''", "once": "(event='hangup')"}
+    wanted = [c if c in present else f"{missing.get(c, '0')} AS {c}" for c in COLUMNS]
     read, unreadable = _readable(db, "outbox", ", ".join(wanted))
     rows = [row[1:] for row in read if _sound_row(row[1:])]
     calls = [row[1:] for row in _readable(db, "calls", "call_id, state")[0]

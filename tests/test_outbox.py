@@ -144,25 +144,6 @@ def test_once_flag_is_stored_and_read_back(tmp_path):
     assert [(r.event, r.once) for r in box.ready(10) if r.call_id == "a"] == [("hangup", True)]
 
 
-def test_outbox_from_before_the_once_column_treats_every_hangup_as_once(tmp_path):
-    import sqlite3
-
-    path = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(path)
-    db.executescript("""CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,
-        call_id TEXT NOT NULL, instance TEXT NOT NULL DEFAULT '', event TEXT NOT NULL,
-        fields TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-        next_at REAL NOT NULL DEFAULT 0, sending INTEGER NOT NULL DEFAULT 0,
-        state TEXT NOT NULL DEFAULT 'pending', last_error TEXT);
-        INSERT INTO outbox (call_id, event, fields, created) VALUES
-            ('x', 'hangup', '[["event","hangup"]]', 1), ('y', 'newCall', '[["event","newCall"]]', 1);
-    """)
-    db.commit()
-    db.close()
-    box = Outbox(path)
-    assert sorted((r.call_id, r.once) for r in box.ready(10)) == [("x", True), ("y", False)]
-
-
 # -- a disk that does not take writes (in-process; tests/test_outbox_faults.py uses a tmpfs) --
 
 import logging  # noqa: E402
@@ -408,3 +389,57 @@ def test_a_disk_on_the_brink_says_error_once_not_at_every_turn(full_box, caplog)
     levels = [r.levelname for r in caplog.records]
     assert levels == ["ERROR", "WARNING"]         # said once, and once that it is over
     assert box.pending == 5 and box.write_error is None
+
+
+# -- outboxes of earlier versions, and tables fs-zammad never wrote --
+
+OUTBOX_COLUMNS = {  # the outbox table's columns as SCHEMA declares them
+    "id": "INTEGER PRIMARY KEY AUTOINCREMENT", "call_id": "TEXT NOT NULL",
+    "instance": "TEXT NOT NULL DEFAULT ''", "event": "TEXT NOT NULL", "fields": "TEXT NOT NULL",
+    "created": "REAL NOT NULL", "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "next_at": "REAL NOT NULL DEFAULT 0", "sending": "INTEGER NOT NULL DEFAULT 0",
+    "state": "TEXT NOT NULL DEFAULT 'pending'", "last_error": "TEXT",
+    "once": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def old_outbox(path, without: tuple[str, ...]):
+    """An outbox as an earlier fs-zammad wrote it: without the columns added since."""
+    import sqlite3
+
+    columns = ", ".join(f"{name} {decl}" for name, decl in OUTBOX_COLUMNS.items()
+                        if name not in without)
+    db = sqlite3.connect(path)
+    db.executescript(f"""CREATE TABLE outbox ({columns});
+        CREATE TABLE calls (call_id TEXT PRIMARY KEY, state TEXT NOT NULL);
+        INSERT INTO outbox (call_id, event, fields, created) VALUES
+            ('x', 'hangup', '[["event","hangup"]]', 1), ('y', 'newCall', '[["event","newCall"]]', 1);
+    """)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("without", [("once",), ("sending", "once"),
+                                     ("instance", "sending", "once")])
+def test_an_outbox_of_an_earlier_version_is_brought_up_to_date(tmp_path, without):
+    # its rows: for the one Zammad of the time; every hangup may be of the harmful kind
+    old_outbox(tmp_path / "old.sqlite3", without)
+    box = open_outbox(tmp_path / "old.sqlite3")
+    assert sorted((r.call_id, r.once) for r in box.ready(10)) == [("x", True), ("y", False)]
+    assert box.pending_for("") == 2 and box.integrity_problem() is None
+    box.mark_sending(box.ready(1)[0].id)
+    assert not list(tmp_path.glob("*.damaged-*"))
+
+
+def test_an_outbox_table_fs_zammad_never_wrote_is_moved_aside(tmp_path, caplog):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "o.sqlite3")
+    db.executescript("CREATE TABLE outbox (id INTEGER PRIMARY KEY, payload TEXT);"
+                     "INSERT INTO outbox (payload) VALUES ('someone else''s');")
+    db.commit()
+    db.close()
+    with caplog.at_level("ERROR"):
+        box = open_outbox(tmp_path / "o.sqlite3")
+    assert box.counts() == {} and [p.name[-1] for p in tmp_path.glob("o.sqlite3.damaged-*")
+                                   if p.name.endswith("Z")] == ["Z"]
+    assert any("not written by fs-zammad" in r.getMessage() for r in caplog.records)
