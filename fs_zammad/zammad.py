@@ -99,14 +99,18 @@ def is_json_type(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-# A page for people: an HTML document's start (after a BOM, an XML declaration and
-# comments). Not every body that starts with "<": a relay's XML answer is no page.
-_HTML_PAGE = re.compile(r"\ufeff?\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*"
-                        r"<(?:!doctype\s+html|html[\s>])", re.I | re.S)
-
-
 def is_html_page(body: str) -> bool:
-    return _HTML_PAGE.match(body[:65536]) is not None
+    """A page for people: a body that starts as an HTML document (after a BOM, an XML
+    declaration and comments). Not every body that starts with "<": a relay's XML
+    answer is no page. (A scan, not one regex: comments one after the other would
+    make a regex backtrack for ever, on the event loop.)"""
+    rest = body[:65536].lstrip("\ufeff \t\r\n")
+    if rest.startswith("<?xml"):
+        rest = rest[rest.find("?>") + 2:].lstrip() if "?>" in rest else ""
+    while rest.startswith("<!--"):
+        end = rest.find("-->")
+        rest = rest[end + 3:].lstrip() if end >= 0 else ""
+    return re.match(r"<(?:!doctype\s+html|html[\s>])", rest, re.I) is not None
 
 
 def page_title(body: str, limit: int = 80) -> str:
