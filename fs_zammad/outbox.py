@@ -213,7 +213,11 @@ class Outbox:
         # SQLite opens a file this user may not write (another owner, mode 0444, an
         # -shm it cannot make) read-only without a word: say so now, not at the
         # first call, whose events would then only wait in memory.
-        self.db.execute("UPDATE outbox SET id=id WHERE 0")
+        try:
+            self.db.execute("UPDATE outbox SET id=id WHERE 0")
+        except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF != 5:  # 5: busy, so writable
+                raise
         self.recount()
 
     def _init_state(self) -> None:
@@ -255,10 +259,20 @@ class Outbox:
         if missing:
             raise NotAnOutbox(f"its outbox table has no {', '.join(missing)}: not written by "
                               "fs-zammad")
-        for name, declaration, old_rows in added:
-            self.db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {declaration}")
-            if old_rows:
-                self.db.execute(old_rows)
+        if not added:
+            return
+        # All in one transaction: a start cut off between adding ``once`` and marking
+        # the old hangups would leave them resendable for good.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, declaration, old_rows in added:
+                self.db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {declaration}")
+                if old_rows:
+                    self.db.execute(old_rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def recover_cut_off(self) -> int:
         """A hangup cut off by a crash may have reached Zammad: never resend it blindly.

@@ -443,3 +443,21 @@ def test_an_outbox_table_fs_zammad_never_wrote_is_moved_aside(tmp_path, caplog):
     assert box.counts() == {} and [p.name[-1] for p in tmp_path.glob("o.sqlite3.damaged-*")
                                    if p.name.endswith("Z")] == ["Z"]
     assert any("not written by fs-zammad" in r.getMessage() for r in caplog.records)
+
+
+def test_an_upgrade_cut_off_halfway_is_done_whole_at_the_next_start(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old_outbox(path, ("sending", "once"))
+    db = sqlite3.connect(path)   # the upgrade's marking of old hangups fails (a full disk, say)
+    db.executescript("CREATE TRIGGER fail BEFORE UPDATE ON outbox "
+                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError):
+        Outbox(path)
+    db = sqlite3.connect(path)
+    db.executescript("DROP TRIGGER fail")
+    db.close()
+    box = Outbox(path)  # the next start: the old hangup still counts as a once-hangup
+    assert sorted((r.call_id, r.once) for r in box.ready(10)) == [("x", True), ("y", False)]
