@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS finished (
     call_id TEXT NOT NULL,
     legs TEXT NOT NULL
 );
+-- Calls carried out of a damaged outbox without its -wal: their hangup may have
+-- reached Zammad already (see salvage), so a missed call's hangup is unsure.
+CREATE TABLE IF NOT EXISTS doubtful (
+    call_id TEXT PRIMARY KEY
+);
 """
 
 HELD = "held: an earlier event of this call failed"
@@ -70,6 +75,8 @@ HELD = "held: an earlier event of this call failed"
 SIDE_JOB = "voicemail"
 WAL_RESET_FRAMES = 10_000  # ~40 MB of WAL
 CUT_OFF = "the process stopped while this hangup was being sent; it may have reached Zammad"
+WITHOUT_WAL = ("carried from a damaged outbox without its -wal: this hangup may have reached "
+               "Zammad already")
 #: Events kept in memory while the outbox cannot be written (disk full); beyond
 #: it, or beyond OUTBOX_MAX_EVENTS with those on disk, new calls are refused.
 HELD_MAX = 20_000
@@ -218,6 +225,7 @@ class Outbox:
         except sqlite3.OperationalError as exc:
             if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF != 5:  # 5: busy, so writable
                 raise
+        self._doubtful = {row[0] for row in self.db.execute("SELECT call_id FROM doubtful")}
         self.recount()
 
     def _init_state(self) -> None:
@@ -232,6 +240,7 @@ class Outbox:
         self._not_before: dict[int, float] = {}
         self.write_error: str | None = None  # why writes wait in memory (for /healthz)
         self.damaged = False  # the file itself: only a restart (open_outbox) helps
+        self._doubtful: set[str] = set()  # the doubtful table, read at open
         self._said_trouble_at: float | None = None
         self._said_trouble = False
         self._data_version = 0
@@ -452,6 +461,11 @@ class Outbox:
                 continue
             admitted.append(event)
         refused = len(events) - len(admitted)
+        # Decided now, not in write(): a write the disk did not take runs again later.
+        doubtful = set()
+        if self._doubtful:
+            doubtful = {e.call_id for e in admitted if e.name == "hangup"} & self._doubtful
+            self._doubtful -= doubtful
         upsert_calls, delete_calls = list(upsert_calls), list(delete_calls)
         finished_calls = list(finished_calls)
 
@@ -460,13 +474,17 @@ class Outbox:
             for event in admitted:
                 held = db.execute("SELECT 1 FROM outbox WHERE call_id=? AND state='failed' "
                                   "AND event!=? LIMIT 1", (event.call_id, SIDE_JOB)).fetchone()
+                state, error = ("failed", HELD) if held else ("pending", None)
+                if event.call_id in doubtful and event.name == "hangup":
+                    db.execute("DELETE FROM doubtful WHERE call_id=?", (event.call_id,))
+                    if event.once:
+                        state, error = "unsure", WITHOUT_WAL
                 db.execute(
                     "INSERT INTO outbox (call_id, instance, event, fields, created, state, "
                     "last_error, once) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (event.call_id, event.instance, event.name, json.dumps(event.fields), now,
-                     "failed" if held else "pending", HELD if held else None,
-                     int(event.once)))
-                added += not held
+                     state, error, int(event.once)))
+                added += state == "pending"
             if upsert_calls:
                 db.executemany("INSERT OR REPLACE INTO calls (call_id, state) VALUES (?, ?)",
                                upsert_calls)
@@ -618,15 +636,18 @@ class Outbox:
         return self.db.execute(f"DELETE FROM outbox WHERE {where}", args).rowcount
 
     def adopt(self, rows: Sequence[tuple], calls: Sequence[tuple],
-              finished: Sequence[tuple] = ()) -> None:
+              finished: Sequence[tuple] = (), doubtful: Sequence[str] = ()) -> None:
         """Take over rows (as COLUMNS), calls and finished calls carried out of a
-        damaged outbox."""
+        damaged outbox, and the calls whose hangup may have reached Zammad."""
         self.db.execute("BEGIN IMMEDIATE")
         self.db.executemany(f"INSERT OR IGNORE INTO outbox ({', '.join(COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(COLUMNS))})", rows)
         self.db.executemany("INSERT OR REPLACE INTO calls (call_id, state) VALUES (?, ?)", calls)
         self.db.executemany("INSERT INTO finished (call_id, legs) VALUES (?, ?)", finished)
+        self.db.executemany("INSERT OR IGNORE INTO doubtful (call_id) VALUES (?)",
+                            [(call_id,) for call_id in doubtful])
         self.db.execute("COMMIT")
+        self._doubtful |= set(doubtful)
         self.recount()
 
     def load_calls(self) -> list[str]:

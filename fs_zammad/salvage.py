@@ -17,12 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fs_zammad.outbox import COLUMNS, SIDE_JOB, Outbox, is_damage
+from fs_zammad.outbox import COLUMNS, SIDE_JOB, WITHOUT_WAL, Outbox, is_damage
 
 log = logging.getLogger("fs_zammad.outbox")
-
-WITHOUT_WAL = ("carried from a damaged outbox without its -wal: this hangup may have reached "
-               "Zammad already")
 
 def open_outbox(path: str | Path, max_events: int = 200_000,
                 background_checkpoint: bool = False) -> Outbox:
@@ -56,10 +53,10 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
     for suffix in ("", "-wal", "-shm"):
         if os.path.lexists(f"{path}{suffix}"):
             os.rename(f"{path}{suffix}", f"{aside}{suffix}")
-    rows, calls, finished, lost = salvage(aside)
+    rows, calls, finished, lost, doubtful = salvage(aside)
     try:
         outbox = Outbox(path, max_events, background_checkpoint)
-        outbox.adopt(rows, calls, finished)
+        outbox.adopt(rows, calls, finished, doubtful)
     except sqlite3.Error:
         # No fresh outbox (a full disk): put the damaged file back as it was, so
         # that the next start salvages it again instead of starting empty.
@@ -80,13 +77,16 @@ def open_outbox(path: str | Path, max_events: int = 200_000,
     return outbox
 
 
-def salvage(path: Path) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
+Salvaged = tuple[list[tuple], list[tuple], list[tuple], "int | None", tuple[str, ...]]
+
+
+def salvage(path: Path) -> Salvaged:
     """(outbox rows as COLUMNS, calls rows, finished rows, events lost or None if
-    unknown) of a damaged file. Read from a copy, so that the file moved aside stays
-    as it was found (and a truncated one can be padded); with no room for a copy,
-    from the file, read-only."""
+    unknown, the calls whose hangup may have reached Zammad) of a damaged file. Read
+    from a copy, so that the file moved aside stays as it was found (and a truncated
+    one can be padded); with no room for a copy, from the file, read-only."""
     if not path.is_file():
-        return [], [], [], None
+        return [], [], [], None, ()
     try:
         with tempfile.TemporaryDirectory(prefix=".salvage-", dir=path.parent) as tmp:
             copy = Path(tmp) / "outbox.sqlite3"
@@ -96,10 +96,10 @@ def salvage(path: Path) -> tuple[list[tuple], list[tuple], list[tuple], int | No
                 if _sound(copy):  # the file alone is whole: its -wal made the damage
                     return _without_wal(*_salvage_file(str(copy)))
                 shutil.copyfile(f"{path}-wal", f"{copy}-wal")
-            return _salvage_file(str(copy))
+            return (*_salvage_file(str(copy)), ())
     except OSError as exc:
         log.warning("no room to copy the damaged outbox (%s); reading it in place", exc)
-        return _salvage_file(path.resolve().as_uri() + "?mode=ro")
+        return (*_salvage_file(path.resolve().as_uri() + "?mode=ro"), ())
 
 
 def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
@@ -127,11 +127,13 @@ def _sound(path: Path) -> bool:
         return False
 
 
-def _without_wal(rows, calls, finished, lost):
+def _without_wal(rows, calls, finished, lost) -> Salvaged:
     """What the file held without its -wal (one from another database, say a backup
     restored beside a stale one, or damaged itself): the commits since its last
-    checkpoint are lost, among them the deletes of events Zammad had taken. So a
-    missed call's hangup is not sent again blindly: it is unsure, for the admin."""
+    checkpoint are lost, among them the deletes of events Zammad had taken and the
+    ends of calls. So a missed call's hangup is not sent again blindly: one carried
+    over is unsure, for the admin, and so is one the resync finds a carried call
+    owes (the call may have ended, its hangup delivered, after that checkpoint)."""
     log.error("the outbox's -wal does not fit the outbox (another database's, or damaged): "
               "what the outbox held before it is carried over; a missed call's hangup from "
               "it may have reached Zammad already, so each is kept as unsure "
@@ -142,7 +144,7 @@ def _without_wal(rows, calls, finished, lost):
         if row[once] and row[state] == "pending":
             row = (*row[:state], "unsure", WITHOUT_WAL, *row[error + 1:])
         carried.append(row)
-    return carried, calls, finished, lost
+    return carried, calls, finished, lost, tuple(call_id for call_id, _state in calls)
 
 
 def _pad_truncated(path: Path) -> None:

@@ -461,3 +461,24 @@ def test_an_upgrade_cut_off_halfway_is_done_whole_at_the_next_start(tmp_path):
     db.close()
     box = Outbox(path)  # the next start: the old hangup still counts as a once-hangup
     assert sorted((r.call_id, r.once) for r in box.ready(10)) == [("x", True), ("y", False)]
+
+
+def test_a_doubtful_calls_missed_hangup_is_unsure_even_after_a_restart(tmp_path):
+    """Calls carried out of an outbox without its -wal may have ended since, their
+    hangups delivered: the hangup the resync owes such a missed call is unsure (the
+    mark survives a restart); an answered call's is sent; other calls are untouched."""
+    from dataclasses import replace
+
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path)
+    box.adopt([], [], [], doubtful=["missed", "answered"])
+    box.close()
+    box = Outbox(path)                               # restarted before the resync
+    box.record([replace(ev("missed", "hangup"), once=True), ev("answered", "hangup"),
+                replace(ev("new", "hangup"), once=True)])
+    assert sorted((r[1], r[4]) for r in box.failed_rows()) == [("missed", "unsure")]
+    assert "may have reached Zammad already" in box.failed_rows()[0][6]
+    assert sorted(heads(box)) == [("answered", "hangup"), ("new", "hangup")]
+    assert box.pending == 2
+    box.record([replace(ev("missed", "hangup"), once=True)])   # no longer doubtful
+    assert ("missed", "hangup") in heads(box)

@@ -563,7 +563,7 @@ def test_a_damaged_outbox_carries_its_ticket_jobs_over(tmp_path):
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     outbox.record([event("newCall"), event("voicemail", marker="vm-1", file="/v/msg_1.wav")])
     outbox.close()
-    rows, _calls, _finished, _ = salvage(tmp_path / "outbox.sqlite3")
+    rows, _calls, _finished, _, _ = salvage(tmp_path / "outbox.sqlite3")
     carried = [dict(zip(COLUMNS, row)) for row in rows]
     assert [(r["event"], r["state"]) for r in carried] == [("newCall", "pending"),
                                                            ("voicemail", "pending")]
