@@ -7,6 +7,7 @@ every import beyond argparse happens inside :func:`main`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fs_zammad import __version__
@@ -119,8 +120,7 @@ def _run_command(args) -> int:
             elif "cannot write" in trouble:
                 fix = "let this user write it (chown or chmod; a 'sudo fs-zammad run' leaves root's files)"
             else:  # e.g. a directory or a dangling link where the outbox or its -wal should be
-                fix = ("check that outbox.sqlite3 and its -wal/-shm there are plain files this "
-                       "user may write, or move them away")
+                fix = _outbox_files_hint(settings.state_dir)
             said = trouble if trouble == str(exc) else f"{trouble} ({exc})"
             print(f"fs-zammad: cannot start: cannot open the outbox in STATE_DIR="
                   f"{settings.state_dir}: {said}; {fix}: what it holds is kept for the next start",
@@ -424,6 +424,19 @@ def _confirmed_unsure(outbox, yes: bool, what: str, question: str) -> list | int
             print("nothing changed")
             return EXIT_FAILED
     return chosen
+
+
+def _outbox_files_hint(state_dir: str) -> str:
+    """What is wrong with the outbox's files, as far as the file system tells. Never
+    'move it away' for a file that may hold events (a -wal holds the last commits)."""
+    for name in ("outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3-shm"):
+        path = os.path.join(state_dir, name)
+        if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
+            what = "a directory" if os.path.isdir(path) else "a link to nothing"
+            return f"{name} there is {what}, not a file: move it away"
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            return f"let this user read and write {name} there (chown or chmod)"
+    return "check that outbox.sqlite3 and its -wal/-shm there are plain files this user may write"
 
 
 def _nothing_for(call_id: str, what: str,

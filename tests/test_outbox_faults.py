@@ -311,8 +311,9 @@ def test_cli_as_the_wrong_user_says_so_in_one_line(mode):
 @pytest.mark.parametrize("setup,words", [
     ("the file is root's", "cannot write the outbox"),
     ("its -shm is a directory", "cannot write the outbox"),
-    ("its -wal is a directory", "plain files this user may write"),
-    ("its -wal is a dangling link", "plain files this user may write"),
+    ("its -wal is a directory", "outbox.sqlite3-wal there is a directory, not a file: move it"),
+    ("its -wal is a dangling link", "outbox.sqlite3-wal there is a link to nothing"),
+    ("its -wal is root's", "let this user read and write outbox.sqlite3-wal there"),
 ])
 def test_an_outbox_the_service_cannot_write_stops_the_start_in_one_line(setup, words):
     import tempfile
@@ -323,11 +324,17 @@ def test_an_outbox_the_service_cannot_write_stops_the_start_in_one_line(setup, w
     Outbox(state / "outbox.sqlite3").close()
     before = (state / "outbox.sqlite3").read_bytes()
     command = [FS_ZAMMAD, "run"]
-    if setup == "the file is root's":
+    if setup in ("the file is root's", "its -wal is root's"):
         if os.geteuid() != 0 or not shutil.which("setpriv"):
             pytest.skip("needs root to run the service as another user")
         state.chmod(0o777)   # the directory may be written (lock, -wal), the file may not
-        (state / "outbox.sqlite3").chmod(0o644)
+        if setup == "the file is root's":
+            (state / "outbox.sqlite3").chmod(0o644)
+        else:
+            (state / "outbox.sqlite3").chmod(0o666)
+            wal = state / "outbox.sqlite3-wal"
+            wal.write_bytes(b"")
+            wal.chmod(0o600)
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
     elif setup == "its -shm is a directory":
         (state / "outbox.sqlite3-shm").mkdir()
