@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 
 import gevent
@@ -102,11 +101,18 @@ class _Frame:
         self.data = None
 
 
-def _ends_with_its_own_body(event: bytes) -> bool:
-    """An event with a body of its own (BACKGROUND_JOB's result, say) ends with that
-    body, not with a newline: its headers' Content-Length says where."""
-    found = re.search(rb"\nContent-Length: (\d{1,9})\n\n", event)
-    return found is not None and found.end() + int(found.group(1)) == len(event)
+def _in_step(event: bytes) -> bool:
+    """Does this event end where its frame's Content-Length says? Its headers end at
+    the first blank line (values are URL-encoded: none holds a newline), and so does
+    the event, or else its own body follows (BACKGROUND_JOB's result, say), of the
+    length its last header gives: switch_event_serialize() writes nothing else."""
+    end = event.find(b"\n\n")
+    if end < 0:
+        return False
+    name, _, value = event[event.rfind(b"\n", 0, end) + 1:end].partition(b": ")
+    if name == b"Content-Length":
+        return value.isdigit() and len(value) < 10 and end + 2 + int(value) == len(event)
+    return end == len(event) - 2
 
 
 class _Connection(InboundESL):
@@ -198,7 +204,7 @@ class _Connection(InboundESL):
             if content_type != "text/event-plain":
                 log.warning("skipped a frame of type %s from FreeSWITCH", content_type)
                 return
-            if not body.endswith(b"\n") and not _ends_with_its_own_body(body):
+            if not _in_step(body):
                 raise FrameError("an event that does not end where its Content-Length says")
             try:
                 parsed = parse_event_plain(body, self._keep)

@@ -122,6 +122,7 @@ def _length_off_by(delta: int):
 OUT_OF_STEP = {
     "Content-Length 5 too long": _length_off_by(5),
     "Content-Length 40 too long": _length_off_by(40),
+    "Content-Length a whole frame too long": lambda nxt: _length_off_by(len(nxt))(nxt),
     "Content-Length 2 too short": _length_off_by(-2),  # (1 too short leaves a blank line)
     "Content-Length 7 too short": _length_off_by(-7),
     "a head without Content-Type": lambda _next: b"Content-Length: 3\n\nabc",
@@ -130,17 +131,19 @@ OUT_OF_STEP = {
 }
 
 
-@pytest.mark.parametrize("inner", ["+OK 7d3f\n", "-ERR no reply", "x" * 5000, ""])
-def test_an_event_with_a_body_of_its_own_ends_with_that_body(inner):
-    """BACKGROUND_JOB and the like end with their own body, not with a newline: in
-    step, never a framing error; one byte more or less, out of step."""
-    from fs_zammad.esl import _ends_with_its_own_body
+@pytest.mark.parametrize("inner", [None, "+OK 7d3f\n", "-ERR no reply\n\n", "x" * 5000, ""])
+def test_an_event_ends_where_its_length_says_also_with_a_body_of_its_own(inner):
+    """An event ends at its first blank line, or (BACKGROUND_JOB and the like) with its
+    own body: in step. Any bytes more (down to a whole next frame) or fewer: out of step."""
+    from fs_zammad.esl import _in_step
 
     event = serialize_event([("Event-Name", "BACKGROUND_JOB"), ("Job-UUID", "j1")], inner)
-    assert event.endswith(b"\n") or _ends_with_its_own_body(event)
-    if inner:
-        assert not _ends_with_its_own_body(event + b"Conte")
-        assert not _ends_with_its_own_body(event[:-1]) or event[:-1].endswith(b"\n")
+    assert _in_step(event)
+    following = frame_event(_heartbeat())
+    for cut in range(1, len(following) + 1):
+        assert not _in_step(event + following[:cut]), cut
+    for cut in range(2, min(len(event), 200)):
+        assert not _in_step(event[:-cut]), cut
 
 
 @pytest.mark.parametrize("case", OUT_OF_STEP)
