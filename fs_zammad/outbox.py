@@ -650,6 +650,14 @@ class Outbox:
         self._doubtful |= set(doubtful)
         self.recount()
 
+    def settle_doubtful(self) -> None:
+        """The first resync after a salvage without the -wal is done: a carried call it
+        found ended took its mark with the hangup it owed; one still up will end, and
+        send its hangup, after the restart, so none can have reached Zammad."""
+        if self._doubtful:
+            self._doubtful.clear()
+            self._statement("DELETE FROM doubtful", ())
+
     def load_calls(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT state FROM calls")]
 

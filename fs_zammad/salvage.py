@@ -96,18 +96,18 @@ def salvage(path: Path) -> Salvaged:
                 if _sound(copy):  # the file alone is whole: its -wal made the damage
                     return _without_wal(*_salvage_file(str(copy)))
                 shutil.copyfile(f"{path}-wal", f"{copy}-wal")
-            return (*_salvage_file(str(copy)), ())
+            return _salvage_file(str(copy))
     except OSError as exc:
         log.warning("no room to copy the damaged outbox (%s); reading it in place", exc)
-        return (*_salvage_file(path.resolve().as_uri() + "?mode=ro"), ())
+        return _salvage_file(path.resolve().as_uri() + "?mode=ro")
 
 
-def _salvage_file(name: str) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
+def _salvage_file(name: str) -> Salvaged:
     try:
         db = sqlite3.connect(name, isolation_level=None, uri=name.startswith("file:"))
         present = [r[1] for r in db.execute("PRAGMA table_info(outbox)")]
     except sqlite3.Error:
-        return [], [], [], None
+        return [], [], [], None, ()
     try:
         return _salvage_rows(db, present)
     finally:
@@ -127,7 +127,7 @@ def _sound(path: Path) -> bool:
         return False
 
 
-def _without_wal(rows, calls, finished, lost) -> Salvaged:
+def _without_wal(rows, calls, finished, lost, doubtful) -> Salvaged:
     """What the file held without its -wal (one from another database, say a backup
     restored beside a stale one, or damaged itself): the commits since its last
     checkpoint are lost, among them the deletes of events Zammad had taken and the
@@ -144,7 +144,8 @@ def _without_wal(rows, calls, finished, lost) -> Salvaged:
         if row[once] and row[state] == "pending":
             row = (*row[:state], "unsure", WITHOUT_WAL, *row[error + 1:])
         carried.append(row)
-    return carried, calls, finished, lost, tuple(call_id for call_id, _state in calls)
+    return (carried, calls, finished, lost,
+            tuple({*doubtful, *(call_id for call_id, _state in calls)}))
 
 
 def _pad_truncated(path: Path) -> None:
@@ -161,10 +162,9 @@ def _pad_truncated(path: Path) -> None:
             handle.truncate(declared)
 
 
-def _salvage_rows(db: sqlite3.Connection, present: list[str]
-                  ) -> tuple[list[tuple], list[tuple], list[tuple], int | None]:
+def _salvage_rows(db: sqlite3.Connection, present: list[str]) -> Salvaged:
     if "id" not in present:
-        return [], [], [], None
+        return [], [], [], None, ()
     # A file from before a column was added: what its rows mean (as in
     # Outbox._add_new_columns: every hangup counts as a once-hangup).
     missing = {"instance": "''", "once": "(event='hangup')"}
@@ -181,7 +181,10 @@ def _salvage_rows(db: sqlite3.Connection, present: list[str]
         lost = max(0, total - len(rows))
     except sqlite3.Error:
         lost = None if unreadable is None else unreadable + len(read) - len(rows)
-    return rows, calls, finished, lost
+    # Calls still marked from an earlier salvage without the -wal keep their mark.
+    doubtful = tuple(row[1] for row in _readable(db, "doubtful", "call_id")[0]
+                     if isinstance(row[1], str))
+    return rows, calls, finished, lost, doubtful
 
 
 def _sound_row(row: tuple) -> bool:

@@ -209,6 +209,7 @@ class Service:
             log.info("resync: %d channels up, %d calls followed, %d events from the gap",
                      len(rows), len(self.tracker.calls), len(events))
         self._store(events)
+        self.outbox.settle_doubtful()
 
     def _store(self, events) -> None:
         """Write the Zammad events owed (and the calls' state) in one transaction."""

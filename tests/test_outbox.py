@@ -482,3 +482,9 @@ def test_a_doubtful_calls_missed_hangup_is_unsure_even_after_a_restart(tmp_path)
     assert box.pending == 2
     box.record([replace(ev("missed", "hangup"), once=True)])   # no longer doubtful
     assert ("missed", "hangup") in heads(box)
+    box.adopt([], [], [], doubtful=["up"])
+    box.settle_doubtful()   # the resync found it up: it ends, and hangs up, after it
+    box.close()
+    box = Outbox(path)
+    box.record([replace(ev("up", "hangup"), once=True)])
+    assert ("up", "hangup") in heads(box)

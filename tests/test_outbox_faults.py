@@ -18,14 +18,14 @@ import urllib.request
 
 import pytest
 
-from fs_zammad.calls import CallTracker, saved_state
+from fs_zammad.calls import CallTracker, ZammadEvent, saved_state
 from fs_zammad.config import load_settings
 from fs_zammad.outbox import Outbox
 from fs_zammad.service import tracker_rules
 from tests import synth
 from tests.support.service import ESL_PASSWORD, FS_ZAMMAD, ServiceProcess, base_env
 from tests.test_e2e import emit_all
-from tests.test_faults import answered_call, missed_call
+from tests.test_faults import answered_call, channels_json, missed_call
 
 
 def cli(env, *args, timeout=30):
@@ -503,6 +503,9 @@ def test_a_wal_of_another_outbox_loses_nothing_and_doubles_no_hangup(
     db.execute("DELETE FROM outbox WHERE id > 3")     # frames for pages of this outbox
     shutil.copyfile(f"{other}/outbox.sqlite3-wal", f"{state}/outbox.sqlite3-wal")
     db.close()
+    still_up = synth.caller(cid=f"49316{len(ended):05d}")   # the first of the ringing calls
+    still_up.uuid = still_up.base["Unique-ID"] = up[0]
+    fake_fs.api_responses["show channels as json"] = channels_json((still_up, None, False))
     service = start_service()
     service.wait_for_log("fs-zammad starting")
     assert len([x for x in service.lines if "was damaged" in x]) == 1, service.log
@@ -510,11 +513,14 @@ def test_a_wal_of_another_outbox_loses_nothing_and_doubles_no_hangup(
     zammad.wait_for(lambda: {r.call_id for r in zammad.requests if r.event == "newCall"
                              and r.status is not None} >= set(ended) | set(up), timeout=30)
     # The calls still ringing in the file may have ended since its last checkpoint, their
-    # hangups delivered: the hangup the resync finds they owe is unsure too.
-    service.wait_for_log("resync: 0 channels up")
+    # hangups delivered: the hangup the resync finds they owe is unsure too. One still up
+    # at the resync ends after the restart: its hangup cannot have reached Zammad.
+    service.wait_for_log("resync: 1 channels up")
     listing = cli(service.env, "list").stdout
-    assert f"{len(ended) + len(up)} unsure hangups" in listing, listing
+    assert f"{len(ended) + len(up) - 1} unsure hangups" in listing, listing
     assert not [c for c, n in hangups_by_call(zammad).items() if n], listing
+    emit_all(fake_fs, [still_up.hangup("NORMAL_CLEARING", "recv_cancel")])
+    zammad.wait_for(lambda: hangups_by_call(zammad).get(still_up.uuid) == 1, timeout=15)
     a, events = missed_call("4931799998")   # a new call is no doubtful one
     emit_all(fake_fs, events)
     zammad.wait_for(lambda: hangups_by_call(zammad).get(a.uuid) == 1, timeout=15)
@@ -537,6 +543,7 @@ def test_a_damaged_outbox_carries_the_finished_calls_over(tmp_path, caplog):
             tracker.dirty.clear()
     kept = box.load_finished()
     assert len(kept) == 30
+    box.adopt([], [], [], doubtful=["doubted"])
     # Zero an index's root page: every table row stays readable, the file fails its check.
     root = box.db.execute("SELECT rootpage FROM sqlite_master WHERE name='outbox_by_instance'"
                           ).fetchone()[0]
@@ -554,6 +561,9 @@ def test_a_damaged_outbox_carries_the_finished_calls_over(tmp_path, caplog):
                                 [saved_state(text) for text in fresh.load_calls() + kept])
         # each call's hangup once more, late: nothing for Zammad
         assert [e for h in hangups for e in restarted.handle(h, now + 5)] == []
+        # a call marked by an earlier salvage without the -wal keeps its mark
+        fresh.record([ZammadEvent("doubted", (("event", "hangup"),), once=True)])
+        assert [(r[1], r[4]) for r in fresh.failed_rows()] == [("doubted", "unsure")]
     finally:
         fresh.close()
 
