@@ -37,6 +37,7 @@ from greenswitch.esl import InboundESL, NotConnectedError
 
 from fs_zammad.wire import (
     FrameError,
+    OutOfStep,
     content_length,
     parse_event_plain,
     split_frame_head_line,
@@ -102,17 +103,19 @@ class _Frame:
 
 
 def _in_step(event: bytes) -> bool:
-    """Does this event end where its frame's Content-Length says? Its headers end at
-    the first blank line (values are URL-encoded: none holds a newline), and so does
-    the event, or else its own body follows (BACKGROUND_JOB's result, say), of the
-    length its last header gives: switch_event_serialize() writes nothing else."""
-    end = event.find(b"\n\n")
+    """Does this event end where its frame's Content-Length says? switch_event_serialize()
+    ends one with a blank line, or with a body of its own (BACKGROUND_JOB's result, say)
+    of the length its last header gives. (A frame that swallowed whole events after its
+    own ends in a blank line too: the parser finds a second Event-Name in it.)"""
+    if event.endswith(b"\n\n"):  # unless its last header announces a body it lacks
+        return not event.startswith(b"Content-Length: ",
+                                    event.rfind(b"\n", 0, len(event) - 2) + 1)
+    end = event.find(b"\n\n")  # the end of the headers: values are URL-encoded, no newline
     if end < 0:
         return False
     name, _, value = event[event.rfind(b"\n", 0, end) + 1:end].partition(b": ")
-    if name == b"Content-Length":
-        return value.isdigit() and len(value) < 10 and end + 2 + int(value) == len(event)
-    return end == len(event) - 2
+    return (name == b"Content-Length" and value.isdigit() and len(value) < 10
+            and end + 2 + int(value) == len(event))
 
 
 class _Connection(InboundESL):
@@ -208,6 +211,8 @@ class _Connection(InboundESL):
                 raise FrameError("an event that does not end where its Content-Length says")
             try:
                 parsed = parse_event_plain(body, self._keep)
+            except OutOfStep:
+                raise
             except FrameError as exc:
                 log.warning("skipped a malformed event from FreeSWITCH: %s", exc)
                 return

@@ -29,6 +29,11 @@ class FrameError(ValueError):
     """Bytes that are not a valid ESL frame or event."""
 
 
+class OutOfStep(FrameError):
+    """A frame that holds more than one event: its length was wrong, and what
+    follows it is read out of step."""
+
+
 # A value is matched up to MAX_VALUE characters; the rest of its line is
 # skipped, since the next match starts at a line's beginning.
 _VALUE = r"([^\n]{0,%d})" % MAX_VALUE
@@ -136,6 +141,8 @@ def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None) -> Ev
     for name, value in lines:
         if name not in raw:
             raw[name] = value
+        elif name == "Event-Name":  # (other names repeat: Hangup-Cause, say)
+            raise OutOfStep("two events in one frame")
     if "Event-Name" not in raw:
         stray = next((line for line in body.split("\n") if line and ": " not in line), "")
         raise FrameError(f"event line without 'Name: value': {stray[:60]!r}" if stray
