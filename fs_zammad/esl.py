@@ -36,6 +36,7 @@ from gevent.queue import Empty, Queue
 from greenswitch.esl import InboundESL, NotConnectedError
 
 from fs_zammad.wire import (
+    EventHeaders,
     FrameError,
     OutOfStep,
     content_length,
@@ -102,20 +103,42 @@ class _Frame:
         self.data = None
 
 
+def _own_body_at(event: bytes) -> int | None:
+    """Where the event's own body (BACKGROUND_JOB's result, say) starts, if the event is
+    exactly its headers and that body: the headers end at the first blank line (values
+    are URL-encoded: none holds a newline), and the last of them gives the body's
+    length, as switch_event_serialize() writes them. None for anything else."""
+    end = event.find(b"\n\n")
+    if end < 0:
+        return None
+    name, _, value = event[event.rfind(b"\n", 0, end) + 1:end].partition(b": ")
+    if name == b"Content-Length" and value.isdigit() and len(value) < 10 \
+            and end + 2 + int(value) == len(event):
+        return end + 2
+    return None
+
+
 def _in_step(event: bytes) -> bool:
-    """Does this event end where its frame's Content-Length says? switch_event_serialize()
-    ends one with a blank line, or with a body of its own (BACKGROUND_JOB's result, say)
-    of the length its last header gives. (A frame that swallowed whole events after its
-    own ends in a blank line too: the parser finds a second Event-Name in it.)"""
+    """Does this event end where its frame's Content-Length says? One ends with a blank
+    line, or with a body of its own. (A frame that swallowed whole events after its own
+    ends in a blank line too: parse_one_event finds a second Event-Name in it.)"""
     if event.endswith(b"\n\n"):  # unless its last header announces a body it lacks
         return not event.startswith(b"Content-Length: ",
                                     event.rfind(b"\n", 0, len(event) - 2) + 1)
-    end = event.find(b"\n\n")  # the end of the headers: values are URL-encoded, no newline
-    if end < 0:
-        return False
-    name, _, value = event[event.rfind(b"\n", 0, end) + 1:end].partition(b": ")
-    return (name == b"Content-Length" and value.isdigit() and len(value) < 10
-            and end + 2 + int(value) == len(event))
+    return _own_body_at(event) is not None
+
+
+def parse_one_event(body: bytes, keep) -> EventHeaders:
+    """The headers of the one event a frame holds. OutOfStep if it holds more (its
+    length was wrong); an event whose own body holds an event's text (uuid_dump run by
+    bgapi) is not one of those: its headers are read without that body."""
+    try:
+        return parse_event_plain(body, keep, one_event=True)
+    except OutOfStep:
+        start = _own_body_at(body)  # (a scan of the event: only on this rare path)
+        if start is None:
+            raise
+    return parse_event_plain(body[:start - 1], keep)
 
 
 class _Connection(InboundESL):
@@ -210,7 +233,7 @@ class _Connection(InboundESL):
             if not _in_step(body):
                 raise FrameError("an event that does not end where its Content-Length says")
             try:
-                parsed = parse_event_plain(body, self._keep)
+                parsed = parse_one_event(body, self._keep)
             except OutOfStep:
                 raise
             except FrameError as exc:

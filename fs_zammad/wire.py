@@ -127,10 +127,13 @@ def _trie(words: list[str]) -> str:
     return emit(tree)
 
 
-def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None) -> EventHeaders:
+def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None,
+                      one_event: bool = False) -> EventHeaders:
     """One event body -> headers (all, or those the HeaderFilter ``keep`` accepts).
 
-    Raises FrameError when it has no Event-Name.
+    Raises FrameError when it has no Event-Name; with ``one_event``, OutOfStep when
+    it has two (a frame that holds more than one event, or an event whose own body
+    is an event's text: the caller tells which).
     """
     if isinstance(body, bytes):
         body = body.decode("utf-8", errors="replace")
@@ -141,7 +144,7 @@ def parse_event_plain(body: bytes | str, keep: HeaderFilter | None = None) -> Ev
     for name, value in lines:
         if name not in raw:
             raw[name] = value
-        elif name == "Event-Name":  # (other names repeat: Hangup-Cause, say)
+        elif one_event and name == "Event-Name":  # (other names repeat: Hangup-Cause)
             raise OutOfStep("two events in one frame")
     if "Event-Name" not in raw:
         stray = next((line for line in body.split("\n") if line and ": " not in line), "")
