@@ -218,9 +218,10 @@ class _Connection(InboundESL):
         headers = event.headers
         content_type = headers.get("Content-Type")
         # Every frame FreeSWITCH sends names its type, an event frame its length, and an
-        # event ends with a newline. A frame that does not is the sign of a length that
-        # was wrong: what follows is read out of step, so the connection is rebuilt (and
-        # the resync settles the calls whose events went by) rather than events skipped.
+        # event ends where that length says (see _in_step). A frame that does not is the
+        # sign of a length that was wrong: what follows is read out of step, so the
+        # connection is rebuilt (and the resync settles the calls whose events went by)
+        # rather than events skipped.
         if content_type is None:
             raise FrameError("a frame without Content-Type: the stream is out of step")
         if content_type in ("text/event-plain", "text/event-json", "log/data"):
