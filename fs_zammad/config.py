@@ -113,15 +113,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, f"{head}/***", "", ""))
 
 
-def _usable_http(url: str) -> bool:
-    """An http(s) URL with a host one can connect to (and a port, if given, that is one)."""
+def _connectable(url: str) -> bool:
+    """An http(s) URL with a host, and a port, if given, that is one."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:  # "http://[::1", a port that is no number or beyond 65535
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0 \
-        and not re.search(r"[\s<>\"{}|\\^`]", parts.netloc)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+
+
+def _usable_http(url: str) -> bool:
+    """A Zammad URL one can connect to: no space or stray character in its host part."""
+    return _connectable(url) and not re.search(r"[\s<>\"{}|\\^`]", urlsplit(url).netloc)
 
 
 def proxy_for(url: str, env: Mapping[str, str]) -> str:
@@ -140,13 +144,7 @@ def proxy_for(url: str, env: Mapping[str, str]) -> str:
         return ""
     raw = env[name].strip()
     proxy = raw if "://" in raw else f"http://{raw}"
-    try:
-        found = urlsplit(proxy)
-        usable = found.scheme in ("http", "https") and bool(found.hostname) \
-            and (found.port is None or found.port > 0)
-    except ValueError:  # .port of a port that is no number; a broken [IPv6] host
-        usable = False
-    if not usable:
+    if not _connectable(proxy):
         scheme, found, rest = raw.partition("://")  # the first "://": a password may hold one
         if not (found and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme)):
             scheme, rest = "", raw  # "u:pw://x@h": no scheme, all of it may be user:password
@@ -287,7 +285,8 @@ def _instances(env, default_url: str) -> dict[str, str]:
 
 def _http_url(env, name: str) -> str:
     url = env.get(name, "").strip().rstrip("/")
-    if url and (not _usable_http(url) or urlsplit(url).username or urlsplit(url).query):
+    parts = urlsplit(url) if url and _usable_http(url) else None
+    if url and (parts is None or parts.username or parts.query):
         raise ConfigError(f"{name} must be an http(s) URL like https://zammad.example.com")
     return url
 
