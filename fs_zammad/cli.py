@@ -112,12 +112,12 @@ def _run_command(args) -> int:
             print(f"fs-zammad: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         except sqlite3.Error as exc:  # a full disk or a permission: the file itself is sound
-            from fs_zammad.outbox import write_trouble
+            from fs_zammad.outbox import read_only, write_trouble
 
             trouble = write_trouble(exc)
             if trouble == "disk full":
                 fix = "free space there"
-            elif "cannot write" in trouble:
+            elif read_only(exc):
                 fix = "let this user write it (chown or chmod; a 'sudo fs-zammad run' leaves root's files)"
             else:  # e.g. a directory or a dangling link where the outbox or its -wal should be
                 fix = _outbox_files_hint(settings.state_dir)

@@ -179,12 +179,18 @@ class ServiceLock:
             self._fd = None
 
 
+def read_only(exc: BaseException) -> bool:
+    """SQLITE_READONLY and its kinds: this user cannot write the file (or its -wal/-shm)."""
+    code = getattr(exc, "sqlite_errorcode", None) or 0  # Python 3.11+
+    return code & 0xFF == 8 or "readonly" in str(exc)
+
+
 def write_trouble(exc: BaseException) -> str:
     """What a failed write says, in an admin's words."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; 13 is SQLITE_FULL
     if code == 13 or "full" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
         return "disk full"
-    if (code or 0) & 0xFF == 8 or "readonly" in str(exc):  # SQLITE_READONLY and its kinds
+    if read_only(exc):
         return (f"this user (uid {os.getuid()}) cannot write the outbox or its -wal/-shm "
                 "files (their owner or mode, a read-only mount)")
     return str(exc) or type(exc).__name__
@@ -263,8 +269,9 @@ class Outbox:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(outbox)")}
         if not columns:
             return  # a new file: SCHEMA makes the table whole
-        added = [added for added in ADDED_COLUMNS if added[0] not in columns]
-        missing = [name for name in COLUMNS if name not in columns | {a[0] for a in added}]
+        added = [column for column in ADDED_COLUMNS if column[0] not in columns]
+        known = columns | {name for name, _declaration, _old_rows in added}
+        missing = [name for name in COLUMNS if name not in known]
         if missing:
             raise NotAnOutbox(f"its outbox table has no {', '.join(missing)}: not written by "
                               "fs-zammad")
