@@ -85,12 +85,13 @@ LOCK_TRIES = 10  # over a second
 TROUBLE_QUIET = 300.0  # seconds between ERROR lines of a disk that keeps filling up
 COLUMNS = ("id", "call_id", "instance", "event", "fields", "created", "attempts", "next_at",
            "sending", "state", "last_error", "once")
-#: Columns added since the first outboxes: (name, declaration, what old rows mean).
+#: Columns added since the first outboxes: (name, declaration, its value for the rows
+#: of an outbox from before it, as SQL; salvage reads such files with the same values).
 ADDED_COLUMNS = (
-    ("instance", "TEXT NOT NULL DEFAULT ''", None),  # the one Zammad of the time
-    ("sending", "INTEGER NOT NULL DEFAULT 0", None),
+    ("instance", "TEXT NOT NULL DEFAULT ''", "''"),  # the one Zammad of the time
+    ("sending", "INTEGER NOT NULL DEFAULT 0", "0"),
     # A hangup there may be of the harmful kind, and nothing tells which: each counts.
-    ("once", "INTEGER NOT NULL DEFAULT 0", "UPDATE outbox SET once=1 WHERE event='hangup'"),
+    ("once", "INTEGER NOT NULL DEFAULT 0", "(event='hangup')"),
 )
 
 
@@ -283,8 +284,7 @@ class Outbox:
         try:
             for name, declaration, old_rows in added:
                 self.db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {declaration}")
-                if old_rows:
-                    self.db.execute(old_rows)
+                self.db.execute(f"UPDATE outbox SET {name}={old_rows}")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fs_zammad.outbox import COLUMNS, SIDE_JOB, WITHOUT_WAL, Outbox, is_damage
+from fs_zammad.outbox import ADDED_COLUMNS, COLUMNS, SIDE_JOB, WITHOUT_WAL, Outbox, is_damage
 
 log = logging.getLogger("fs_zammad.outbox")
 
@@ -165,10 +165,9 @@ def _pad_truncated(path: Path) -> None:
 def _salvage_rows(db: sqlite3.Connection, present: list[str]) -> Salvaged:
     if "id" not in present:
         return [], [], [], None, ()
-    # A file from before a column was added: what its rows mean (as in
-    # Outbox._add_new_columns: every hangup counts as a once-hangup).
-    missing = {"instance": "''", "once": "(event='hangup')"}
-    wanted = [c if c in present else f"{missing.get(c, '0')} AS {c}" for c in COLUMNS]
+    # A file from before a column was added: its rows read as an upgrade reads them.
+    old_rows = {name: value for name, _declaration, value in ADDED_COLUMNS}
+    wanted = [c if c in present else f"{old_rows.get(c, '0')} AS {c}" for c in COLUMNS]
     read, unreadable = _readable(db, "outbox", ", ".join(wanted))
     rows = [row[1:] for row in read if _sound_row(row[1:])]
     calls = [row[1:] for row in _readable(db, "calls", "call_id, state")[0]
