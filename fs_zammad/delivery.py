@@ -182,11 +182,13 @@ class Delivery:
                 self._pause()
 
     def _pause(self) -> None:
+        self._pause_until(time.monotonic() + backoff(self._down_failures, self.retry_max))
+        self._down_failures += 1
+
+    def _pause_until(self, when: float) -> None:
         # Never shorter than a pause already running: a request in flight when Zammad
         # asked for Retry-After may fail afterwards, and must not cut that short.
-        self._paused_until = max(self._paused_until, time.monotonic()
-                                 + backoff(self._down_failures, self.retry_max))
-        self._down_failures += 1
+        self._paused_until = max(self._paused_until, when)
 
     def _send(self, row: Row) -> None:
         try:
@@ -258,13 +260,13 @@ class Delivery:
                           "request that stores nothing asks every %.0f s until Zammad itself "
                           "answers", self.problem, self.outbox.pending_for(self.instance),
                           self.retry_max)
-            self._paused_until = max(self._paused_until, now + self.retry_max)
+            self._pause_until(now + self.retry_max)
         elif outcome.kind == zammad.THROTTLED:
             if not self._throttled:
                 log.warning("Zammad%s is busy (HTTP %d): %s; nothing is sent to it before then",
                             self._name, outcome.status, outcome.detail)
             self._throttled = True
-            self._paused_until = max(self._paused_until, now + outcome.retry_after)
+            self._pause_until(now + outcome.retry_after)
         elif self.down_since is None:
             self.down_since = now
             log.warning("Zammad%s unreachable: %s%s; events wait in the outbox and are sent "
