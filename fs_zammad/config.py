@@ -94,6 +94,23 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("LOG_FORMAT", "text", "text (one readable line per event) or json (one object per line)"),
 )
 
+#: (name, default, meaning) of the standard variables fs-zammad also reads: the
+#: proxy and CA ones as Python's urllib and requests read them, XDG's, systemd's.
+STANDARD_VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("HTTPS_PROXY", "", "proxy for https:// Zammad URLs (https_proxy first; an empty "
+                        "https_proxy= turns it off; ALL_PROXY is not read)"),
+    ("HTTP_PROXY", "", "proxy for http:// Zammad URLs (http_proxy first)"),
+    ("NO_PROXY", "", "hosts reached without the proxy, comma-separated (no_proxy first)"),
+    ("REQUESTS_CA_BUNDLE", "", "CA bundle for Zammad's TLS certificate when ZAMMAD_CA_BUNDLE "
+                               "is unset"),
+    ("CURL_CA_BUNDLE", "", "the same, when REQUESTS_CA_BUNDLE is unset too"),
+    ("XDG_STATE_HOME", "", "where STATE_DIR goes when unset and /var/lib/fs-zammad is not "
+                           "writable (default ~/.local/state)"),
+    ("NOTIFY_SOCKET", "", "set by systemd (Type=notify): readiness and watchdog pings"),
+    ("WATCHDOG_USEC", "", "set by systemd (WatchdogSec=)"),
+    ("WATCHDOG_PID", "", "set by systemd (WatchdogSec=)"),
+)
+
 DEFAULTS = {name: default for name, default, _ in VARIABLES}
 
 

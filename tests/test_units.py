@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fs_zammad.config import VARIABLES, ConfigError, load_settings, proxy_for, redact_url
+from fs_zammad.config import (
+    STANDARD_VARIABLES,
+    VARIABLES,
+    ConfigError,
+    load_settings,
+    proxy_for,
+    redact_url,
+)
 from fs_zammad.numbers import to_e164
 from fs_zammad.wire import (
     FrameError,
@@ -127,16 +134,24 @@ def test_every_variable_is_documented_in_readme_and_env_file():
     for name, default, _ in VARIABLES:
         assert f"`{name}`" in readme, name
         assert f"{name}={default}" in env_file or f"# {name}={default}" in env_file, name
+    for name, _, meaning in STANDARD_VARIABLES:
+        assert f"| `{name}` | (unset) | {meaning} |" in readme, name
+        assert f"# {name}=" in env_file or f"# {name}: {meaning}" in env_file, name
 
 
 def test_every_variable_the_code_reads_is_declared():
     import re
-    declared = {name for name, _, _ in VARIABLES}
+    declared = {name for name, _, _ in VARIABLES} | {name for name, _, _ in STANDARD_VARIABLES}
     source = (ROOT / "fs_zammad" / "config.py").read_text()
     read = set(re.findall(r'"([A-Z][A-Z_]+[A-Z])"', source))
     read = {n for n in read if not n.startswith(("DEBUG", "INFO", "WARNING", "ERROR", "USER_",
-                                                 "CALL_"))} - {"XDG_STATE_HOME", "NO_PROXY"}  # (not ours: curl's)
-    assert read <= declared | {f"{n}_FILE" for n in declared}
+                                                 "CALL_"))}
+    for module in (ROOT / "fs_zammad").glob("*.py"):   # os.environ, and env = os.environ
+        read |= set(re.findall(r'\b(?:os\.environ|env)\.get\(\s*"([A-Z][A-Z0-9_]+)"',
+                               module.read_text()))
+    # proxy_for builds the proxy variables' names from the URL's scheme
+    read |= {f"{scheme.upper()}_PROXY" for scheme in ("http", "https")}
+    assert read <= declared | {f"{n}_FILE" for n in declared}, read - declared
 
 
 def test_parse_event_plain_decodes_after_splitting():
