@@ -9,6 +9,13 @@
     greenswitch in, requests out, no state, no storage: the latency floor
     (see ``forward``).
 
+``bare.py floor PORT PASSWORD URL CALLS SUBSCRIPTION...``
+    the same as ``forward`` on raw sockets: frames split by their
+    Content-Length without parsing, the three POSTs written as prebuilt bytes
+    on keep-alive connections. No library work at all: what is left is what
+    any gevent program pays to be woken for each frame and each answer (see
+    ``floor``).
+
 ``bare.py post URL SECONDS MODE``
     a plain ``requests.Session`` posting the form fields of a typical newCall
     to the stand-in, sequentially (MODE ``plain``: no gevent, one keep-alive
@@ -133,6 +140,110 @@ def forward(port: int, password: str, url: str, expect_calls: int, subscription:
     os._exit(0)
 
 
+def floor(port: int, password: str, url: str, expect_calls: int, subscription: list[str],
+          linger: bool = False) -> None:
+    """The wake-up floor of the paced stream: as ``forward``, with nothing in between.
+
+    What this spends per call is the least a gevent process can spend to be
+    woken for each frame and each POST's answer: the hub, epoll, recv/send and
+    the greenlet switches, with no parsing, state, storage or HTTP library.
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+    import socket
+    from urllib.parse import urlsplit
+
+    import gevent
+    from gevent.pool import Pool
+    from gevent.queue import Queue
+
+    target = urlsplit(url)
+    connections: Queue = Queue()  # idle keep-alive connections to the stand-in
+    pool = Pool(8)
+    state = {"hangups": 0, "cpu_end": 0.0, "t_last": 0, "wakeups_end": 0}
+    done = gevent.event.Event()
+
+    def read_frame(sock, buf: bytearray) -> bytes:
+        """The next frame (head, blank line and body) whose head says its length."""
+        while True:
+            end = buf.find(b"\n\n")
+            if end < 0:
+                end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(buf[:end])
+                at = head.find(b"Content-Length: ")
+                length = int(head[at + 16:].split(b"\r")[0].split(b"\n")[0]) if at >= 0 else 0
+                start = end + (2 if buf[end:end + 2] == b"\n\n" else 4)
+                if len(buf) >= start + length:
+                    frame = bytes(buf[:start + length])
+                    del buf[:start + length]
+                    return frame
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError("closed")
+            buf += chunk
+
+    def post(event: str, uuid: bytes) -> None:
+        call_id = uuid[:9] + b"0000" + uuid[13:]
+        body = (b"event=" + event.encode() + b"&direction=in&callId=" + call_id
+                + b"&from=493023125741&to=492214710334")
+        request = (b"POST " + target.path.encode() + b" HTTP/1.1\r\nHost: "
+                   + target.netloc.encode() + b"\r\nContent-Type: application/x-www-form-"
+                   b"urlencoded\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                   + body)
+        try:
+            conn, buf = connections.get_nowait()
+        except gevent.queue.Empty:
+            conn, buf = socket.create_connection((target.hostname, target.port)), bytearray()
+        conn.sendall(request)
+        read_frame(conn, buf)  # the answer: its head says its length
+        connections.put((conn, buf))
+        if event == "hangup":
+            state["hangups"] += 1
+            if state["hangups"] >= expect_calls:
+                state["t_last"] = time.monotonic_ns()
+                state["cpu_end"] = cpu()
+                state["wakeups_end"] = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+                done.set()
+
+    def unique_id(frame: bytes) -> bytes:
+        at = frame.find(b"\nUnique-ID: ") + 12
+        return frame[at:frame.find(b"\n", at)]
+
+    def read_events(sock, buf: bytearray) -> None:
+        while True:
+            frame = read_frame(sock, buf)
+            if b"Event-Name: CHANNEL_EXECUTE\n" in frame and b"\nApplication: bridge\n" in frame:
+                pool.spawn(post, "newCall", unique_id(frame))
+            elif b"Call-Direction: outbound\n" in frame:
+                if b"Event-Name: CHANNEL_ANSWER\n" in frame:
+                    pool.spawn(post, "answer", unique_id(frame))
+                elif b"Event-Name: CHANNEL_HANGUP_COMPLETE\n" in frame:
+                    pool.spawn(post, "hangup", unique_id(frame))
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    buf = bytearray()
+    read_frame(sock, buf)  # auth/request
+    sock.sendall(f"auth {password}\n\n".encode())
+    read_frame(sock, buf)
+    sock.sendall(("event plain " + " ".join(subscription) + "\n\n").encode())
+    read_frame(sock, buf)
+    cpu_start = cpu()
+    wakeups_start = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    gevent.spawn(read_events, sock, buf)
+    print("READY", flush=True)
+    done.wait(timeout=600)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"hangups": state["hangups"], "t_last_ns": state["t_last"],
+                      "cpu_s": state["cpu_end"] - cpu_start,
+                      "wakeups": state["wakeups_end"] - wakeups_start,
+                      "peak_rss_kb": usage.ru_maxrss}), flush=True)
+    if linger:
+        sys.stdin.read()
+    os._exit(0)
+
+
 FIELDS = [("event", "newCall"), ("direction", "in"),
           ("callId", "0e0470c2-489b-46af-9ea6-35866f3fd175"), ("from", "493023125741"),
           ("to", "492214710334"), ("user", "1001")]
@@ -175,9 +286,10 @@ if __name__ == "__main__":
     role = sys.argv[1]
     if role == "esl":
         esl(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:])
-    elif role == "forward":
-        forward(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:],
-                linger=os.environ.get("BARE_LINGER") == "1")
+    elif role in ("forward", "floor"):
+        (forward if role == "forward" else floor)(
+            int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:],
+            linger=os.environ.get("BARE_LINGER") == "1")
     elif role == "post":
         post(sys.argv[2], float(sys.argv[3]), sys.argv[4])
     else:

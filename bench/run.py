@@ -473,7 +473,7 @@ class Bench:
         svc = proc = None
         if bare:
             subscription = self.service_subscription()
-            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), "forward",
+            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), bare,
                                      str(self.fs_port), PASSWORD, self.url, str(calls),
                                      *subscription], stdout=subprocess.PIPE, text=True)
             self.pin(proc.pid, SERVICE_CORE)
@@ -610,13 +610,14 @@ class Bench:
         svc.cleanup()
         return out
 
-    def paced(self, rate: float, seconds: float, bare: bool = False, count: bool = False,
+    def paced(self, rate: float, seconds: float, bare: str = "", count: bool = False,
               profile: bool = False) -> dict:
         """The operating point of a PBX: ``rate`` calls/s, each call's frames one by one
         over its ring and talk time (firehose ``_run_one_by_one``), interleaved.
 
-        ``bare``: the same stream into bare.py's greenswitch+requests forwarder
-        (the ceiling of this operating point). ``count``: fs-zammad under strace
+        ``bare``: the same stream into bare.py's ``forward`` (greenswitch+requests:
+        the ceiling of this operating point) or ``floor`` (raw sockets: the wake-ups
+        alone). ``count``: fs-zammad under strace
         and with a greenlet-switch counter, for counts only (its CPU is not used).
         """
         self.zammad("set", {"status": 200, "delay_ms": 0, "reset": True, "record": True})
@@ -625,14 +626,14 @@ class Bench:
         counter = None
         if bare:
             subscription = self.service_subscription()
-            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), "forward",
+            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), bare,
                                      str(self.fs_port), PASSWORD, self.url, str(calls),
                                      *subscription], stdout=subprocess.PIPE,
                                     stdin=subprocess.PIPE, text=True,
                                     env={**os.environ, "BARE_LINGER": "1"})
             self.pin(proc.pid, SERVICE_CORE)
             if proc.stdout.readline().strip() != "READY":
-                raise RuntimeError("bare forwarder did not start")
+                raise RuntimeError(f"bare.py {bare} did not start")
             pid = proc.pid
         else:
             extra = None
@@ -703,7 +704,8 @@ class Bench:
         done = st["hangups_ok"]
         frames = info["frames_per_call"]
         cpu = cpu1 - cpu0
-        out = {"target": "bare forwarder" if bare else "fs-zammad", "rate_calls_per_s": rate,
+        out = {"target": {"forward": "bare forwarder", "floor": "wake-up floor"}.get(bare, "fs-zammad"),
+               "rate_calls_per_s": rate,
                "calls": calls, "complete": st["complete"], "hangups_delivered": done,
                "frames_per_call": frames, "mix": list(PACED_MIX),
                "span_s": r((st["last_hangup_ok_ns"] - fs["t_first_ns"]) / 1e9, 2),
@@ -1203,9 +1205,11 @@ def main(argv=None) -> int:
             svc = bench.paced(rate, bench.p("paced_seconds"))
             log(f"  {svc['cpu_ms_per_call']} CPU ms/call, p99 {svc['p99_ms']} ms; the same "
                 f"stream into the bare forwarder, {bench.p('paced_bare_seconds')} s of calls")
-            bare = bench.paced(rate, bench.p("paced_bare_seconds"), bare=True)
-            log(f"  bare: {bare['cpu_ms_per_call']} CPU ms/call")
-            out["rates"][str(rate)] = {"service": svc, "bare": bare}
+            bare = bench.paced(rate, bench.p("paced_bare_seconds"), bare="forward")
+            floor = bench.paced(rate, bench.p("paced_bare_seconds"), bare="floor")
+            log(f"  bare: {bare['cpu_ms_per_call']} CPU ms/call; wake-up floor (raw sockets): "
+                f"{floor['cpu_ms_per_call']}")
+            out["rates"][str(rate)] = {"service": svc, "bare": bare, "floor": floor}
         log(f"paced: counting sub-run at {PACED_COUNT_RATE} calls/s under strace (counts only)")
         if shutil.which("strace"):
             out["count"] = bench.paced(PACED_COUNT_RATE, bench.p("paced_count_seconds"),
