@@ -13,16 +13,20 @@ greenswitch speaks the protocol; this module covers what it leaves out
   EOF ends the connection instead of spinning, a malformed event is logged
   and skipped, and any reader error ends the connection instead of leaving
   ``connected=True`` on a dead socket;
-* events still queued inside greenswitch when the socket drops are handed
-  on, not lost;
+* events are handled in the reader greenlet as each frame is read, not
+  handed through greenswitch's queue to its processing greenlet: at a PBX's
+  pace, where frames come one by one, that handoff (two greenlet switches and
+  a timer per event) was a tenth of the service's CPU. Reading waits while an
+  event is handled, so FreeSWITCH buffers a burst, not our memory; the queue
+  and its greenlet remain for functions run behind the events (call_in_order);
 * liveness: any event (HEARTBEAT every 20 s) proves the socket alive; after
   half the liveness window of silence an ``api status`` probe is sent, and
   after the whole window the connection is rebuilt;
 * reconnect forever with capped, jittered backoff; a wrong password or an
   ACL refusal is logged plainly and retried at the slowest pace.
 
-The handler given to :class:`EslSupervisor` must be quick: it runs in the
-connection's processing greenlet.
+The handler given to :class:`EslSupervisor` must be quick and must not wait
+for the network: it runs in the connection's reader greenlet.
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ from fs_zammad.wire import (
 
 log = logging.getLogger("fs_zammad.esl")
 
-#: Events read but not yet handled. FreeSWITCH itself queues up to 100,000
-#: events per connection (and drops a client only after 500 are lost), so
-#: making it wait costs nothing while memory here stays bounded.
-EVENT_BUFFER = 2000
+#: Functions queued behind the events (call_in_order); events themselves are
+#: handled as they are read, and until then FreeSWITCH buffers them (up to
+#: 100,000 per connection; it drops a client only after 500 are lost).
+QUEUED_FUNCTIONS = 100
+#: What one read from the socket takes at most: a burst's frames in one go.
+READ_CHUNK = 64 * 1024
 
 #: Bounds on what one frame may hold; beyond them the stream is not ESL (or is
 #: corrupt) and the connection is rebuilt. A frame head is a few short lines
@@ -103,6 +109,69 @@ class _Frame:
         self.data = None
 
 
+class _SocketReader:
+    """The connection's bytes, buffered: frame head lines and bodies of a given length.
+
+    In place of greenswitch's ``socket.makefile``: it also tells whether more of
+    the stream has arrived (``more_arrived``), which lets the event path put what
+    arrived together in one commit.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buffer = bytearray()
+        self._start = 0  # what is before it was handed out
+
+    def readline(self, limit: int) -> bytes:
+        """Up to and including the next newline; at most ``limit`` bytes; b"" at EOF."""
+        while True:
+            end = self._buffer.find(b"\n", self._start, self._start + limit)
+            if end >= 0:
+                return self._take(end + 1 - self._start)
+            if len(self._buffer) - self._start >= limit or not self._fill():
+                return self._take(min(limit, len(self._buffer) - self._start))
+
+    def read(self, length: int) -> bytes:
+        """``length`` bytes, or fewer at EOF."""
+        while len(self._buffer) - self._start < length and self._fill():
+            pass
+        return self._take(min(length, len(self._buffer) - self._start))
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) - self._start
+
+    def more_arrived(self) -> bool:
+        """Is more of the stream here? What the kernel holds is taken without waiting.
+        (A frame of which only a part is here counts: its rest is on its way.)"""
+        if self.buffered:
+            return True
+        self._sock.settimeout(0.0)  # gevent: the socket is non-blocking underneath
+        try:
+            return self._fill()
+        except BlockingIOError:
+            return False
+        finally:
+            self._sock.settimeout(None)
+
+    def _take(self, length: int) -> bytes:
+        data = bytes(self._buffer[self._start:self._start + length])
+        self._start += length
+        return data
+
+    def _fill(self) -> bool:
+        """Wait for more bytes; False at EOF."""
+        if self._start:
+            del self._buffer[:self._start]
+            self._start = 0
+        chunk = self._sock.recv(READ_CHUNK)
+        self._buffer += chunk
+        return bool(chunk)
+
+    def close(self) -> None:
+        self._buffer, self._start = bytearray(), 0
+
+
 def _own_body_at(event: bytes) -> int | None:
     """Where the event's own body (BACKGROUND_JOB's result, say) starts, if the event is
     exactly its headers and that body: the headers end at the first blank line (values
@@ -144,17 +213,33 @@ def parse_one_event(body: bytes, keep) -> EventHeaders:
 class _Connection(InboundESL):
     """greenswitch's InboundESL with a reader that cannot hang, spin or bloat."""
 
-    def __init__(self, host, port, password, timeout, on_broken, keep=None, on_frame=None):
+    def __init__(self, host, port, password, timeout, on_broken, on_event, keep=None,
+                 on_frame=None):
         super().__init__(host, port, password, timeout=timeout)
         self._keep = keep  # which headers to parse (None: all)
         self._on_frame = on_frame  # (body bytes as received, headers) of each event: capture
-        # greenswitch's queue is unbounded: a burst would pile up in memory.
-        # Bounded, a full queue stops the reader and FreeSWITCH buffers for us.
-        self._esl_event_queue = Queue(maxsize=EVENT_BUFFER)
+        self._on_event = on_event  # handles each event, in this reader greenlet
+        # greenswitch's queue, now for call_in_order's functions only; bounded all the same.
+        self._esl_event_queue = Queue(maxsize=QUEUED_FUNCTIONS)
         self.disconnect_reason = ""
         self._on_broken = on_broken
 
+    def more_arrived(self) -> bool:
+        """In the reader greenlet: has more of the stream arrived, not yet handled?
+        Elsewhere, only what is buffered counts (a read from there would take bytes
+        the reader waits for)."""
+        reader = self.sock_file
+        if not isinstance(reader, _SocketReader):
+            return False
+        if gevent.getcurrent() is not self._receive_events_greenlet:
+            return reader.buffered > 0
+        return reader.more_arrived()
+
     def receive_events(self):
+        # greenswitch made a socket.makefile; this reader buffers the socket instead
+        # (closing the file object only drops its hold on the socket).
+        self.sock_file.close()
+        self.sock_file = _SocketReader(self.sock)
         try:
             while self._run:
                 head = self._read_head()
@@ -242,7 +327,7 @@ class _Connection(InboundESL):
                 return
             if self._on_frame is not None:
                 self._on_frame(body, parsed)
-            self._esl_event_queue.put(ParsedEvent(parsed))
+            self._on_event(ParsedEvent(parsed))
             return
         if content_type == "text/disconnect-notice":
             body = self._read_socket(self.sock_file, self._length(headers)) \
@@ -341,8 +426,8 @@ class EslSupervisor:
         """Connect, authenticate and subscribe within ``timeout`` each."""
         self._broken.clear()
         conn = _Connection(self.host, self.port, self._password, self.timeout, self._broken.set,
-                           self.keep, self.on_frame)
-        conn.register_handle("*", self._dispatch)
+                           self._dispatch, self.keep, self.on_frame)
+        conn.register_handle("*", self._dispatch)  # call_in_order's functions
         try:
             with gevent.Timeout(self.timeout, EslError(
                     f"FreeSWITCH at {self.address} accepted TCP but did not ask for a "
@@ -378,22 +463,23 @@ class EslSupervisor:
         conn = self._conn
         if conn is None or not conn.connected:
             raise EslError("not connected to FreeSWITCH")
-        # The reply is read behind the events already queued: allow for them.
-        timeout = self.timeout * (1 + self.backlog() / 500)
         try:
-            with gevent.Timeout(timeout, EslError(f"api {command.split()[0]} timed out")):
+            with gevent.Timeout(self.timeout, EslError(f"api {command.split()[0]} timed out")):
                 reply = conn.send(f"api {command}")
         except (NotConnectedError, OSError) as exc:
             raise EslError(f"connection lost during an api command ({exc or 'closed'})") from None
         return getattr(reply, "data", "") or ""
 
-    def backlog(self) -> int:
-        """Events read from the socket and not yet handed on."""
+    def more_arrived(self) -> bool:
+        """Has more of the event stream arrived than has been handled? Asked by the
+        event handler, so that what arrived together shares one commit."""
         conn = self._conn
-        return conn._esl_event_queue.qsize() if conn is not None else 0
+        return conn is not None and conn.more_arrived()
 
     def call_in_order(self, function) -> None:
-        """Run ``function`` in the event greenlet once every event read so far is handled."""
+        """Run ``function`` once every event read so far is handled (events are
+        handled as they are read; the function runs in the connection's processing
+        greenlet)."""
         conn = self._conn
         if conn is not None:
             conn._esl_event_queue.put(_InOrder(function))
@@ -474,7 +560,7 @@ class EslSupervisor:
         return "stopping"
 
     def _hand_on_leftovers(self, conn: _Connection) -> None:
-        """Events greenswitch read but had not dispatched when the socket went."""
+        """Functions still queued behind the events when the socket went."""
         while True:
             try:
                 event = conn._esl_event_queue.get_nowait()

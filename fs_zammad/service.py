@@ -138,7 +138,7 @@ class Service:
                 log.error("skipped a saved call the outbox cannot give back (%s): %.80s", exc, text)
         return calls
 
-    # -- event path (runs in the ESL processing greenlet: keep it quick) --------
+    # -- event path (runs in the ESL reader greenlet: keep it quick) ------------
 
     def on_event(self, headers) -> None:
         name = headers.get("Event-Name", "")
@@ -150,14 +150,16 @@ class Service:
             if self._resync_seen is not None:
                 self._resync_seen.add(headers.get("Unique-ID", ""))
             self._batch += self.tracker.handle(headers, time.time())
-        # One transaction for what arrived together; at once when nothing waits.
+        # One transaction for what arrived together; at once when nothing more has
+        # arrived (a frame only partly here waits for its rest, or for the
+        # once-a-second checkpoint: it is the same batch).
         # Call state that owes Zammad nothing waits (up to CHECKPOINT_INTERVAL,
         # see _checkpoint_loop) to share a commit: the file then always holds
         # the state after some prefix of the events read, with every Zammad
         # event of that prefix. A kill -9 is then the same as a kill that much
         # earlier, whose lost events the resync with FreeSWITCH settles, as it
         # does for the events still in the socket.
-        if self._batch and (len(self._batch) >= BATCH_MAX or self.esl.backlog() == 0):
+        if self._batch and (len(self._batch) >= BATCH_MAX or not self.esl.more_arrived()):
             self._store(())
 
     def write_waiting_state(self) -> None:
@@ -181,8 +183,8 @@ class Service:
         """After every (re)connect: learn which calls are up, settle the gap.
 
         The channel list is a snapshot taken while events keep coming, so
-        the comparison runs in the event greenlet, behind every event read
-        before the answer, and leaves alone the legs that showed up in
+        the comparison runs behind every event read before the answer
+        (call_in_order), and leaves alone the legs that showed up in
         events meanwhile (their events tell their story).
         """
         known = self.tracker.leg_ids()
