@@ -14,11 +14,10 @@ greenswitch speaks the protocol; this module covers what it leaves out
   and skipped, and any reader error ends the connection instead of leaving
   ``connected=True`` on a dead socket;
 * events are handled in the reader greenlet as each frame is read, not
-  handed through greenswitch's queue to its processing greenlet: at a PBX's
-  pace, where frames come one by one, that handoff (two greenlet switches and
-  a timer per event) was a tenth of the service's CPU. Reading waits while an
-  event is handled, so FreeSWITCH buffers a burst, not our memory; the queue
-  and its greenlet remain for functions run behind the events (call_in_order);
+  handed through greenswitch's queue to its processing greenlet (two greenlet
+  switches and a timer per event). Reading waits while an event is handled,
+  so FreeSWITCH buffers a burst, not our memory; the queue and its greenlet
+  remain for functions run behind the events (call_in_order);
 * liveness: any event (HEARTBEAT every 20 s) proves the socket alive; after
   half the liveness window of silence an ``api status`` probe is sent, and
   after the whole window the connection is rebuilt;
@@ -54,8 +53,8 @@ log = logging.getLogger("fs_zammad.esl")
 #: handled as they are read, and until then FreeSWITCH buffers them (up to
 #: 100,000 per connection; it drops a client only after 500 are lost).
 QUEUED_FUNCTIONS = 100
-#: What one read from the socket takes at most: a burst's frames in one go.
-READ_CHUNK = 64 * 1024
+#: The socket's read buffer: what one read takes at most (a burst's frames in one go).
+READ_BUFFER = 64 * 1024
 
 #: Bounds on what one frame may hold; beyond them the stream is not ESL (or is
 #: corrupt) and the connection is rebuilt. A frame head is a few short lines
@@ -107,69 +106,6 @@ class _Frame:
     def __init__(self, headers: dict[str, str]):
         self.headers = headers
         self.data = None
-
-
-class _SocketReader:
-    """The connection's bytes, buffered: frame head lines and bodies of a given length.
-
-    In place of greenswitch's ``socket.makefile``: it also tells whether more of
-    the stream has arrived (``more_arrived``), which lets the event path put what
-    arrived together in one commit.
-    """
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._buffer = bytearray()
-        self._start = 0  # what is before it was handed out
-
-    def readline(self, limit: int) -> bytes:
-        """Up to and including the next newline; at most ``limit`` bytes; b"" at EOF."""
-        while True:
-            end = self._buffer.find(b"\n", self._start, self._start + limit)
-            if end >= 0:
-                return self._take(end + 1 - self._start)
-            if len(self._buffer) - self._start >= limit or not self._fill():
-                return self._take(min(limit, len(self._buffer) - self._start))
-
-    def read(self, length: int) -> bytes:
-        """``length`` bytes, or fewer at EOF."""
-        while len(self._buffer) - self._start < length and self._fill():
-            pass
-        return self._take(min(length, len(self._buffer) - self._start))
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer) - self._start
-
-    def more_arrived(self) -> bool:
-        """Is more of the stream here? What the kernel holds is taken without waiting.
-        (A frame of which only a part is here counts: its rest is on its way.)"""
-        if self.buffered:
-            return True
-        self._sock.settimeout(0.0)  # gevent: the socket is non-blocking underneath
-        try:
-            return self._fill()
-        except BlockingIOError:
-            return False
-        finally:
-            self._sock.settimeout(None)
-
-    def _take(self, length: int) -> bytes:
-        data = bytes(self._buffer[self._start:self._start + length])
-        self._start += length
-        return data
-
-    def _fill(self) -> bool:
-        """Wait for more bytes; False at EOF."""
-        if self._start:
-            del self._buffer[:self._start]
-            self._start = 0
-        chunk = self._sock.recv(READ_CHUNK)
-        self._buffer += chunk
-        return bool(chunk)
-
-    def close(self) -> None:
-        self._buffer, self._start = bytearray(), 0
 
 
 def _own_body_at(event: bytes) -> int | None:
@@ -225,21 +161,22 @@ class _Connection(InboundESL):
         self._on_broken = on_broken
 
     def more_arrived(self) -> bool:
-        """In the reader greenlet: has more of the stream arrived, not yet handled?
-        Elsewhere, only what is buffered counts (a read from there would take bytes
-        the reader waits for)."""
-        reader = self.sock_file
-        if not isinstance(reader, _SocketReader):
-            return False
+        """Has more of the stream arrived than has been handled? Never waits: what
+        the kernel holds is read into the buffer (a frame only partly here counts).
+        Only the reader greenlet may look (the buffer is its own); elsewhere: no."""
         if gevent.getcurrent() is not self._receive_events_greenlet:
-            return reader.buffered > 0
-        return reader.more_arrived()
+            return False
+        self.sock.settimeout(0.0)  # gevent's socket is non-blocking underneath
+        try:
+            return bool(self.sock_file.peek(1))  # b"" when nothing is there (or at EOF)
+        finally:
+            self.sock.settimeout(None)
 
     def receive_events(self):
-        # greenswitch made a socket.makefile; this reader buffers the socket instead
-        # (closing the file object only drops its hold on the socket).
+        # A larger buffer than greenswitch's makefile: a burst is read in one go.
+        # (Closing greenswitch's file object only drops its hold on the socket.)
         self.sock_file.close()
-        self.sock_file = _SocketReader(self.sock)
+        self.sock_file = self.sock.makefile("rb", buffering=READ_BUFFER)
         try:
             while self._run:
                 head = self._read_head()

@@ -1,71 +1,22 @@
 """The event socket's reader: events handled as they are read, and the batching signal.
 
-fs_zammad.esl reads the socket through its own buffer (``_SocketReader``) and
-hands each event to the handler in the reader greenlet. Two things rest on it:
-frames come out exactly as a buffered file would give them, however the bytes
-are cut by the network; and ``more_arrived`` says whether more of the stream
-is already here, never waiting for it (the event path commits when it says
-no, so what arrived together shares one commit and nothing else waits).
+fs_zammad.esl hands each event to the handler in the reader greenlet, as its
+frame is read, and ``more_arrived`` tells the handler whether more of the
+stream is already here, never waiting for it: the event path commits when it
+says no, so that what arrived together shares one commit and nothing that
+arrived alone waits. Tested over TCP against the fake FreeSWITCH.
 """
 
 from __future__ import annotations
 
-import io
+import random
 
 import gevent
-import gevent.socket
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from fs_zammad import esl
-from fs_zammad.esl import EslSupervisor, _SocketReader
+from fs_zammad.esl import EslSupervisor
 from tests.support.fake_freeswitch import FakeFreeSwitch, frame_event, serialize_event
 from tests.support.service import ESL_PASSWORD
-
-OPS = st.lists(st.one_of(st.tuples(st.just("readline"), st.integers(1, 40)),
-                         st.tuples(st.just("read"), st.integers(0, 60))), max_size=40)
-
-
-@settings(max_examples=150, deadline=None)
-@given(data=st.binary(max_size=600).map(lambda b: b.replace(b"\x00", b"\n")),
-       cuts=st.lists(st.integers(0, 600), max_size=8), chunk=st.integers(1, 70), ops=OPS)
-def test_reads_give_what_a_buffered_file_gives_however_the_bytes_arrive(data, cuts, chunk,
-                                                                        ops):
-    """Any stream, written in any pieces, read by any mix of readline(limit) and
-    read(n) through any read size: the same bytes as io.BufferedReader, then b"" at EOF."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(esl, "READ_CHUNK", chunk)
-        reads_like_a_buffered_file(data, cuts, ops)
-
-
-def reads_like_a_buffered_file(data: bytes, cuts: list, ops: list) -> None:
-    ours, theirs = gevent.socket.socketpair()
-    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
-    for start, end in zip(bounds, bounds[1:]):
-        theirs.sendall(data[start:end])
-    theirs.close()
-    reader, reference = _SocketReader(ours), io.BufferedReader(io.BytesIO(data))
-    for op, size in [*ops, ("read", len(data) + 1), ("readline", 5)]:
-        assert getattr(reader, op)(size) == getattr(reference, op)(size), (op, size)
-    ours.close()
-
-
-def test_more_arrived_never_waits_and_says_what_is_here():
-    ours, theirs = gevent.socket.socketpair()
-    reader = _SocketReader(ours)
-    with gevent.Timeout(1):
-        assert not reader.more_arrived()        # nothing sent: no, at once
-        theirs.sendall(b"Content-Type: x\n\n")
-        assert reader.more_arrived()            # in the kernel: taken, yes
-        assert reader.readline(100) == b"Content-Type: x\n"
-        assert reader.more_arrived()            # buffered: yes
-        assert reader.readline(100) == b"\n"
-        assert not reader.more_arrived()        # all handed out: no
-        theirs.close()
-        assert not reader.more_arrived()        # EOF: nothing more will come
-        assert reader.readline(100) == b""
-    ours.close()
 
 
 def event(n: int) -> bytes:
@@ -134,3 +85,27 @@ def test_call_in_order_runs_behind_every_event_read(supervised):
     sup.call_in_order(lambda: (seen.append(("function", None, None)), done.set()))
     assert done.wait(5)
     assert [uuid for uuid, _, _ in seen] == ["u-0", "u-1", "u-2", "function"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_frames_cut_anywhere_come_out_whole_in_order_and_the_last_says_no_more(supervised,
+                                                                               seed):
+    """A burst of frames written in random pieces, with pauses between some: every
+    event is handled once, in order; "more arrived" is no only where the stream
+    paused at a frame's end, and always for the last."""
+    fake_fs, sup, seen = supervised
+    rng = random.Random(seed)
+    stream = b"".join(event(n) for n in range(8))
+    ends = {len(b"".join(event(n) for n in range(k + 1))) for k in range(8)}
+    cuts = sorted(rng.sample(range(1, len(stream)), 12))
+    pauses = set()
+    for start, stop in zip([0, *cuts], [*cuts, len(stream)]):
+        fake_fs.send_raw(stream[start:stop])
+        if rng.random() < 0.5 or stop == len(stream):
+            gevent.sleep(0.05)   # the reader catches up: what it has is all there is
+            pauses.add(stop)
+    wait_for(seen, 8)
+    assert [uuid for uuid, _, _ in seen] == [f"u-{n}" for n in range(8)]
+    said_no = {stop for stop in ends if not seen[sorted(ends).index(stop)][2]}
+    assert said_no <= pauses & ends
+    assert not seen[-1][2]
