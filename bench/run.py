@@ -462,6 +462,35 @@ class Bench:
         svc.cleanup()
         return out
 
+    def floor_firehose(self, calls: int) -> dict:
+        """bare.py's raw-socket ``floor`` fed the firehose (closed loop, as ``e2e``): the
+        same work as at a PBX's pace with frames back to back. The difference between
+        the two is what being woken per frame costs, with no library work at all."""
+        self.zammad("set", {"status": 200, "delay_ms": 0, "reset": True, "record": False})
+        proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), "floor",
+                                 str(self.fs_port), PASSWORD, self.url, str(calls),
+                                 *self.service_subscription()], stdout=subprocess.PIPE,
+                                stdin=subprocess.PIPE, text=True,
+                                env={**os.environ, "BARE_LINGER": "1"})
+        try:
+            self.pin(proc.pid, SERVICE_CORE)
+            if proc.stdout.readline().strip() != "READY":
+                raise RuntimeError("bare.py floor did not start")
+            info = self.run_calls(calls, window=self.args.window)
+            own = json.loads(proc.stdout.readline() or "{}")
+            self.fs_result(60)
+        finally:
+            if proc.stdin:
+                proc.stdin.close()
+            proc.wait(10)
+        frames = info["frames_per_call"]
+        return {"target": "wake-up floor, firehose", "calls": calls,
+                "complete": own.get("hangups") == calls, "frames_per_call": frames,
+                "cpu_s": r(own.get("cpu_s", 0.0), 3),
+                "cpu_ms_per_call": r(own.get("cpu_s", 0.0) / calls * 1000, 3),
+                "cpu_us_per_event": r(own.get("cpu_s", 0.0) / (calls * frames) * 1e6, 1),
+                "wakeups_per_call": r(own.get("wakeups", 0) / calls, 2)}
+
     def latency(self, seconds: float, rate: float, bare: bool = False) -> dict:
         """Steady ``rate`` calls/s: frame leaving the firehose -> POST arriving.
 
@@ -473,7 +502,7 @@ class Bench:
         svc = proc = None
         if bare:
             subscription = self.service_subscription()
-            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), bare,
+            proc = subprocess.Popen([sys.executable, str(HERE / "bare.py"), "forward",
                                      str(self.fs_port), PASSWORD, self.url, str(calls),
                                      *subscription], stdout=subprocess.PIPE, text=True)
             self.pin(proc.pid, SERVICE_CORE)
@@ -1046,6 +1075,18 @@ def paced_rows(res: dict, row, ok) -> None:
                          and s["p99_ms"] is not None and s["p99_ms"] <= TARGET_P99_MS)
         row(f"paced {rate} calls/s, events one by one ({s['calls']:,} calls, "
             f"{s['frames_per_call']} frames/call, INFO)", text, target, verdict)
+        floor, fire = pair.get("floor"), paced.get("floor_firehose")
+        if floor and fire and ref:
+            woken = floor["cpu_us_per_event"] - fire["cpu_us_per_event"]
+            row(f"wake-up floor at {rate} calls/s: the same stream into raw sockets "
+                "(bare.py floor), no library work",
+                f"{floor['cpu_us_per_event']:.0f} µs/event ({floor['wakeups_per_call']} "
+                f"wake-ups/call); fed the firehose {fire['cpu_us_per_event']:.0f} µs/event: "
+                f"being woken per frame alone costs {woken:.0f} µs/event = "
+                f"{woken / (ref_frame * 1000):.2f}× fs-zammad's firehose event "
+                f"(≤ {TARGET_PACED_FACTOR}× leaves {TARGET_PACED_FACTOR - 1:.2f}× for all "
+                "that the paced point adds)"
+                + ("" if floor["complete"] and fire["complete"] else " INCOMPLETE"))
     c = paced.get("count", {}).get("counts")
     if c:
         top = ", ".join(f"{k} {v}" for k, v in list(c["top_syscalls_per_call"].items())[:6])
@@ -1199,6 +1240,9 @@ def main(argv=None) -> int:
             log(f"firehose reference for the paced rows: INFO, {bench.p('paced_ref_calls')} calls")
             res["paced_reference"] = bench.e2e(bench.p("paced_ref_calls"), "INFO", name="info")
         out = res["paced"] = {"rates": {}}
+        log(f"paced: the raw-socket floor fed the firehose, {bench.p('paced_ref_calls')} calls")
+        out["floor_firehose"] = bench.floor_firehose(bench.p("paced_ref_calls"))
+        log(f"  {out['floor_firehose']['cpu_ms_per_call']} CPU ms/call")
         for rate in [float(x) if "." in x else int(x) for x in args.paced_rates.split(",") if x]:
             log(f"paced: {rate} calls/s, frames one by one ({'+'.join(PACED_MIX)}), "
                 f"{bench.p('paced_seconds')} s of calls")
