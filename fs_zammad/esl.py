@@ -16,8 +16,8 @@ greenswitch speaks the protocol; this module covers what it leaves out
 * events are handled in the reader greenlet as each frame is read, not
   handed through greenswitch's queue to its processing greenlet (two greenlet
   switches and a timer per event). Reading waits while an event is handled,
-  so FreeSWITCH buffers a burst, not our memory; the queue and its greenlet
-  remain for functions run behind the events (call_in_order);
+  so FreeSWITCH buffers a burst, not our memory. So when a command's reply
+  has been read, every event sent before it has been handled;
 * liveness: any event (HEARTBEAT every 20 s) proves the socket alive; after
   half the liveness window of silence an ``api status`` probe is sent, and
   after the whole window the connection is rebuilt;
@@ -35,7 +35,6 @@ import random
 import time
 
 import gevent
-from gevent.queue import Empty, Queue
 from greenswitch.esl import InboundESL, NotConnectedError
 
 from fs_zammad.wire import (
@@ -49,10 +48,6 @@ from fs_zammad.wire import (
 
 log = logging.getLogger("fs_zammad.esl")
 
-#: Functions queued behind the events (call_in_order); events themselves are
-#: handled as they are read, and until then FreeSWITCH buffers them (up to
-#: 100,000 per connection; it drops a client only after 500 are lost).
-QUEUED_FUNCTIONS = 100
 #: The socket's read buffer: what one read takes at most (a burst's frames in one go).
 READ_BUFFER = 64 * 1024
 
@@ -77,25 +72,6 @@ class EslError(Exception):
     def __init__(self, message: str, slow: bool = False):
         super().__init__(message)
         self.slow = slow
-
-
-class ParsedEvent:
-    """What greenswitch's dispatcher needs: ``headers``."""
-
-    __slots__ = ("headers",)
-
-    def __init__(self, headers: dict[str, str]):
-        self.headers = headers
-
-
-class _InOrder:
-    """A function queued behind the events already read (see call_in_order)."""
-
-    __slots__ = ("headers", "function")
-
-    def __init__(self, function):
-        self.headers = {"Event-Name": "FS_ZAMMAD_IN_ORDER"}
-        self.function = function
 
 
 class _Frame:
@@ -149,14 +125,13 @@ def parse_one_event(body: bytes, keep) -> EventHeaders:
 class _Connection(InboundESL):
     """greenswitch's InboundESL with a reader that cannot hang, spin or bloat."""
 
-    def __init__(self, host, port, password, timeout, on_broken, on_event, keep=None,
-                 on_frame=None):
+    def __init__(self, host, port, password, timeout, on_broken, on_event, after_frame,
+                 keep=None, on_frame=None):
         super().__init__(host, port, password, timeout=timeout)
         self._keep = keep  # which headers to parse (None: all)
         self._on_frame = on_frame  # (body bytes as received, headers) of each event: capture
-        self._on_event = on_event  # handles each event, in this reader greenlet
-        # greenswitch's queue, now for call_in_order's functions only; bounded all the same.
-        self._esl_event_queue = Queue(maxsize=QUEUED_FUNCTIONS)
+        self._on_event = on_event  # handles each event's headers, in this reader greenlet
+        self._after_frame = after_frame  # after every frame, before the next is read
         self.disconnect_reason = ""
         self._on_broken = on_broken
 
@@ -169,8 +144,15 @@ class _Connection(InboundESL):
         self.sock.settimeout(0.0)  # gevent's socket is non-blocking underneath
         try:
             return bool(self.sock_file.peek(1))  # b"" when nothing is there (or at EOF)
+        except OSError as exc:  # a reset: the read that follows sees EOF, so say it here
+            self.disconnect_reason = self.disconnect_reason or \
+                f"reader stopped: {type(exc).__name__}: {exc}"[:200]
+            return False
         finally:
-            self.sock.settimeout(None)
+            self.sock.settimeout(None)  # (greenswitch's: connected, it never times out)
+
+    def process_events(self):
+        """greenswitch's processing greenlet: nothing to do, events are handled as read."""
 
     def receive_events(self):
         # A larger buffer than greenswitch's makefile: a burst is read in one go.
@@ -183,6 +165,7 @@ class _Connection(InboundESL):
                 if head is None:
                     break
                 self.handle_event(_Frame(head))
+                self._after_frame()  # e.g. a command's reply after a call's last event
         except FrameError as exc:
             self.disconnect_reason = (f"framing error ({exc}); if it repeats, check that "
                                       "FREESWITCH_PORT is mod_event_socket's port")[:300]
@@ -264,7 +247,7 @@ class _Connection(InboundESL):
                 return
             if self._on_frame is not None:
                 self._on_frame(body, parsed)
-            self._on_event(ParsedEvent(parsed))
+            self._on_event(parsed)
             return
         if content_type == "text/disconnect-notice":
             body = self._read_socket(self.sock_file, self._length(headers)) \
@@ -333,7 +316,8 @@ class EslSupervisor:
 
     def __init__(self, host: str, port: int, password: str, timeout: float = 5.0,
                  liveness: float = 60.0, reconnect_max: float = 30.0, events=("ALL",),
-                 keep=None, on_event=None, on_connected=None, on_state=None, on_frame=None):
+                 keep=None, on_event=None, after_frame=None, on_connected=None, on_state=None,
+                 on_frame=None):
         self.host, self.port, self._password = host, port, password
         self.timeout = timeout
         self.liveness = liveness
@@ -343,6 +327,7 @@ class EslSupervisor:
         self.subscription = subscription(events)
         self.keep = keep  # a wire.HeaderFilter: parse only the headers that are read
         self.on_event = on_event or (lambda headers: None)
+        self.after_frame = after_frame or (lambda: None)  # after every frame read, any kind
         self.on_connected = on_connected or (lambda supervisor: None)
         self.on_state = on_state or (lambda connected: None)
         self.on_frame = on_frame  # sees each event's bytes as received (fs-zammad capture)
@@ -363,8 +348,7 @@ class EslSupervisor:
         """Connect, authenticate and subscribe within ``timeout`` each."""
         self._broken.clear()
         conn = _Connection(self.host, self.port, self._password, self.timeout, self._broken.set,
-                           self._dispatch, self.keep, self.on_frame)
-        conn.register_handle("*", self._dispatch)  # call_in_order's functions
+                           self._dispatch, self._after_frame, self.keep, self.on_frame)
         try:
             with gevent.Timeout(self.timeout, EslError(
                     f"FreeSWITCH at {self.address} accepted TCP but did not ask for a "
@@ -413,25 +397,21 @@ class EslSupervisor:
         conn = self._conn
         return conn is not None and conn.more_arrived()
 
-    def call_in_order(self, function) -> None:
-        """Run ``function`` once every event read so far is handled (events are
-        handled as they are read; the function runs in the connection's processing
-        greenlet)."""
-        conn = self._conn
-        if conn is not None:
-            conn._esl_event_queue.put(_InOrder(function))
-
-    def _dispatch(self, event) -> None:
+    def _dispatch(self, headers) -> None:
         self._last_seen = time.monotonic()
         try:
-            if isinstance(event, _InOrder):
-                event.function()
-                return
-            self.on_event(event.headers)
+            self.on_event(headers)
         except Exception as exc:  # never let one event stop the stream
             log.error("could not process %s for %s: %s: %s",
-                      event.headers.get("Event-Name"), event.headers.get("Unique-ID", "-"),
+                      headers.get("Event-Name"), headers.get("Unique-ID", "-"),
                       type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def _after_frame(self) -> None:
+        try:
+            self.after_frame()
+        except Exception as exc:  # like an event's: logged, the stream goes on
+            log.error("could not finish handling a frame: %s: %s", type(exc).__name__, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
 
     # -- supervision ------------------------------------------------------
 
@@ -471,7 +451,6 @@ class EslSupervisor:
                 self.connected = False
                 self._conn = None
                 conn.close()
-            self._hand_on_leftovers(conn)
             self.on_state(False)
             if self._stopping:
                 break
@@ -496,26 +475,16 @@ class EslSupervisor:
                     return f"liveness probe failed: {exc}"
         return "stopping"
 
-    def _hand_on_leftovers(self, conn: _Connection) -> None:
-        """Functions still queued behind the events when the socket went."""
-        while True:
-            try:
-                event = conn._esl_event_queue.get_nowait()
-            except Empty:
-                return
-            if isinstance(event, (ParsedEvent, _InOrder)):
-                self._dispatch(event)
-
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self._stopping and time.monotonic() < deadline:
             gevent.sleep(min(0.2, deadline - time.monotonic()))
 
     def stop(self) -> None:
-        """Stop reading: close the socket; events already read are handed on."""
+        """Stop reading: close the socket (an event is never handled halfway: the
+        reader greenlet is killed where it waits for the socket)."""
         self._stopping = True
         self._broken.set()
         conn = self._conn
         if conn is not None:
             conn.close()
-            self._hand_on_leftovers(conn)

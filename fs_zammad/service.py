@@ -109,7 +109,8 @@ class Service:
             settings.freeswitch_timeout, settings.freeswitch_liveness,
             settings.freeswitch_reconnect_max, events=events,
             keep=HeaderFilter(headers, HEADER_PREFIXES_READ), on_event=self.on_event,
-            on_connected=self.on_connected, on_state=self._esl_state)
+            after_frame=self.store_if_quiet, on_connected=self.on_connected,
+            on_state=self._esl_state)
         self._resync_seen: set | None = None  # uuids seen while a resync is under way
         self._batch: list = []  # Zammad events not yet written (see on_event)
         self._saved: dict[str, int] = {}  # call id -> hash of the state last written
@@ -150,15 +151,21 @@ class Service:
             if self._resync_seen is not None:
                 self._resync_seen.add(headers.get("Unique-ID", ""))
             self._batch += self.tracker.handle(headers, time.time())
-        # One transaction for what arrived together; at once when nothing more has
-        # arrived (a frame only partly here waits for its rest, or for the
-        # once-a-second checkpoint: it is the same batch).
-        # Call state that owes Zammad nothing waits (up to CHECKPOINT_INTERVAL,
-        # see _checkpoint_loop) to share a commit: the file then always holds
-        # the state after some prefix of the events read, with every Zammad
-        # event of that prefix. A kill -9 is then the same as a kill that much
-        # earlier, whose lost events the resync with FreeSWITCH settles, as it
-        # does for the events still in the socket.
+        self.store_if_quiet()
+
+    def store_if_quiet(self) -> None:
+        """Write the Zammad events owed, unless more of the stream has arrived to share
+        their transaction (up to BATCH_MAX). Run after every event, and by the reader
+        after every other frame too (a command's reply right after a call's hangup).
+
+        A frame only partly here counts as more: the rest is on its way, and the
+        once-a-second checkpoint writes the batch in any case. Call state that owes
+        Zammad nothing waits (up to CHECKPOINT_INTERVAL, see _checkpoint_loop) to
+        share a commit: the file then always holds the state after some prefix of
+        the events read, with every Zammad event of that prefix. A kill -9 is then
+        the same as a kill that much earlier, whose lost events the resync with
+        FreeSWITCH settles, as it does for the events still in the socket.
+        """
         if self._batch and (len(self._batch) >= BATCH_MAX or not self.esl.more_arrived()):
             self._store(())
 
@@ -182,10 +189,11 @@ class Service:
     def on_connected(self, supervisor: EslSupervisor) -> None:
         """After every (re)connect: learn which calls are up, settle the gap.
 
-        The channel list is a snapshot taken while events keep coming, so
-        the comparison runs behind every event read before the answer
-        (call_in_order), and leaves alone the legs that showed up in
-        events meanwhile (their events tell their story).
+        The channel list is a snapshot taken while events keep coming. Events
+        are handled as they are read, so when the answer has been read every
+        event FreeSWITCH sent before it has been handled; the comparison leaves
+        alone the legs that showed up in events since (their events tell their
+        story).
         """
         known = self.tracker.leg_ids()
         self._resync_seen = set()
@@ -201,7 +209,7 @@ class Service:
                                supervisor.reconnects == connection and
                                self.on_connected(supervisor))
             return
-        supervisor.call_in_order(lambda: self._resync(rows, known))
+        self._resync(rows, known)
 
     def _resync(self, rows, known) -> None:
         seen, self._resync_seen = self._resync_seen or set(), None
