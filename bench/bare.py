@@ -40,6 +40,35 @@ def cpu() -> float:
     return t.user + t.system
 
 
+def hangup_posted(state: dict, expect_calls: int, done) -> None:
+    """Count a hangup POST; at the last one, stop the clock (CPU, wake-ups)."""
+    state["hangups"] += 1
+    if state["hangups"] >= expect_calls:
+        state["t_last"] = time.monotonic_ns()
+        state["cpu_end"] = cpu()
+        state["wakeups_end"] = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+        done.set()
+
+
+def report_when_done(state: dict, done, linger: bool) -> None:
+    """READY, then once every hangup is posted one JSON line: CPU and wake-ups from
+    READY to the last hangup, peak RSS. ``linger``: a call's last frame may come after
+    the hangup that is posted (S8: the B-leg hangs up first), so stay connected until
+    the orchestrator closes stdin."""
+    cpu_start = cpu()
+    wakeups_start = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    print("READY", flush=True)
+    done.wait(timeout=600)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"hangups": state["hangups"], "t_last_ns": state["t_last"],
+                      "cpu_s": state["cpu_end"] - cpu_start,
+                      "wakeups": state["wakeups_end"] - wakeups_start,
+                      "peak_rss_kb": usage.ru_maxrss}), flush=True)
+    if linger:
+        sys.stdin.read()
+    os._exit(0)
+
+
 def esl(port: int, password: str, expect: int, subscription: list[str]) -> None:
     from gevent import monkey
 
@@ -103,12 +132,7 @@ def forward(port: int, password: str, url: str, expect_calls: int, subscription:
                                     ("from", "493023125741"), ("to", "492214710334")],
                          timeout=(5, 10)).text  # read the body, as fs-zammad does
         if event == "hangup":
-            state["hangups"] += 1
-            if state["hangups"] >= expect_calls:
-                state["t_last"] = time.monotonic_ns()
-                state["cpu_end"] = cpu()
-                state["wakeups_end"] = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
-                done.set()
+            hangup_posted(state, expect_calls, done)
 
     def handler(event):
         h = event.headers
@@ -124,20 +148,7 @@ def forward(port: int, password: str, url: str, expect_calls: int, subscription:
     conn.register_handle("*", handler)
     conn.connect()
     conn.send("event plain " + " ".join(subscription))
-    cpu_start = cpu()
-    wakeups_start = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
-    print("READY", flush=True)
-    done.wait(timeout=600)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"hangups": state["hangups"], "t_last_ns": state["t_last"],
-                      "cpu_s": state["cpu_end"] - cpu_start,
-                      "wakeups": state["wakeups_end"] - wakeups_start,
-                      "peak_rss_kb": usage.ru_maxrss}), flush=True)
-    if linger:
-        # A call's last frame may come after the hangup that is posted (S8: the
-        # B-leg hangs up first): stay connected until the orchestrator closes stdin.
-        sys.stdin.read()
-    os._exit(0)
+    report_when_done(state, done, linger)
 
 
 def floor(port: int, password: str, url: str, expect_calls: int, subscription: list[str],
@@ -200,12 +211,7 @@ def floor(port: int, password: str, url: str, expect_calls: int, subscription: l
         read_frame(conn, buf)  # the answer: its head says its length
         connections.put((conn, buf))
         if event == "hangup":
-            state["hangups"] += 1
-            if state["hangups"] >= expect_calls:
-                state["t_last"] = time.monotonic_ns()
-                state["cpu_end"] = cpu()
-                state["wakeups_end"] = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
-                done.set()
+            hangup_posted(state, expect_calls, done)
 
     def unique_id(frame: bytes) -> bytes:
         at = frame.find(b"\nUnique-ID: ") + 12
@@ -229,19 +235,8 @@ def floor(port: int, password: str, url: str, expect_calls: int, subscription: l
     read_frame(sock, buf)
     sock.sendall(("event plain " + " ".join(subscription) + "\n\n").encode())
     read_frame(sock, buf)
-    cpu_start = cpu()
-    wakeups_start = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     gevent.spawn(read_events, sock, buf)
-    print("READY", flush=True)
-    done.wait(timeout=600)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"hangups": state["hangups"], "t_last_ns": state["t_last"],
-                      "cpu_s": state["cpu_end"] - cpu_start,
-                      "wakeups": state["wakeups_end"] - wakeups_start,
-                      "peak_rss_kb": usage.ru_maxrss}), flush=True)
-    if linger:
-        sys.stdin.read()
-    os._exit(0)
+    report_when_done(state, done, linger)
 
 
 FIELDS = [("event", "newCall"), ("direction", "in"),
