@@ -21,7 +21,7 @@ import pytest
 from fs_zammad import service as service_module
 from fs_zammad.config import load_settings
 from fs_zammad.esl import EslSupervisor
-from tests.support.fake_freeswitch import FakeFreeSwitch, frame_event, iter_frames, serialize_event
+from tests.support.fake_freeswitch import frame_event, iter_frames, serialize_event
 from tests.support.service import ESL_PASSWORD
 from tests.test_calls import FIXTURES
 
@@ -30,12 +30,6 @@ COMMAND_REPLY = b"Content-Type: command/reply\nReply-Text: +OK\n\n"
 
 def event(n: int) -> bytes:
     return frame_event(serialize_event({"Event-Name": "CHANNEL_CREATE", "Unique-ID": f"u-{n}"}))
-
-
-@pytest.fixture
-def fake_fs():
-    with FakeFreeSwitch(password=ESL_PASSWORD) as fs:
-        yield fs
 
 
 def connected(sup: EslSupervisor) -> gevent.Greenlet:
@@ -48,7 +42,8 @@ def connected(sup: EslSupervisor) -> gevent.Greenlet:
 
 @pytest.fixture
 def supervised(fake_fs):
-    """An EslSupervisor in this process, connected to a fake FreeSWITCH over TCP; each
+    """An EslSupervisor in this process, connected to the fake FreeSWITCH (conftest's
+    fake_fs) over TCP; each
     event handled is recorded with the greenlet it ran in and what more_arrived said,
     and each frame's end with what more_arrived said then."""
     seen, frames = [], []
