@@ -131,7 +131,7 @@ class _Connection(InboundESL):
         self._keep = keep  # which headers to parse (None: all)
         self._on_frame = on_frame  # (body bytes as received, headers) of each event: capture
         self._on_event = on_event  # handles each event's headers, in this reader greenlet
-        self._after_frame = after_frame  # after every frame, before the next is read
+        self._after_frame = after_frame  # after a frame that is no event handed on
         self.disconnect_reason = ""
         self._on_broken = on_broken
 
@@ -164,8 +164,10 @@ class _Connection(InboundESL):
                 head = self._read_head()
                 if head is None:
                     break
-                self.handle_event(_Frame(head))
-                self._after_frame()  # e.g. a command's reply after a call's last event
+                if not self.handle_event(_Frame(head)):
+                    # Not an event (a command's reply after a call's last event, say):
+                    # the handler, which an event's frame already ran, hears of it here.
+                    self._after_frame()
         except FrameError as exc:
             self.disconnect_reason = (f"framing error ({exc}); if it repeats, check that "
                                       "FREESWITCH_PORT is mod_event_socket's port")[:300]
@@ -219,7 +221,8 @@ class _Connection(InboundESL):
     def _read_socket(cls, sock, length):
         return cls._read_bytes(sock, length).decode("utf-8", errors="replace")
 
-    def handle_event(self, event):
+    def handle_event(self, event) -> bool:
+        """Read the rest of the frame and act on it; True if it was an event handed on."""
         headers = event.headers
         content_type = headers.get("Content-Type")
         # Every frame FreeSWITCH sends names its type, an event frame its length, and an
@@ -248,7 +251,7 @@ class _Connection(InboundESL):
             if self._on_frame is not None:
                 self._on_frame(body, parsed)
             self._on_event(parsed)
-            return
+            return True
         if content_type == "text/disconnect-notice":
             body = self._read_socket(self.sock_file, self._length(headers)) \
                 if "Content-Length" in headers else ""
@@ -327,7 +330,7 @@ class EslSupervisor:
         self.subscription = subscription(events)
         self.keep = keep  # a wire.HeaderFilter: parse only the headers that are read
         self.on_event = on_event or (lambda headers: None)
-        self.after_frame = after_frame or (lambda: None)  # after every frame read, any kind
+        self.after_frame = after_frame or (lambda: None)  # after a frame that is no event
         self.on_connected = on_connected or (lambda supervisor: None)
         self.on_state = on_state or (lambda connected: None)
         self.on_frame = on_frame  # sees each event's bytes as received (fs-zammad capture)

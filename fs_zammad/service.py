@@ -156,7 +156,7 @@ class Service:
     def store_if_quiet(self) -> None:
         """Write the Zammad events owed, unless more of the stream has arrived to share
         their transaction (up to BATCH_MAX). Run after every event, and by the reader
-        after every frame (a command's reply right after a call's hangup is no event).
+        after every other frame (a command's reply right after a call's hangup).
 
         A frame only partly here counts as more: the rest is on its way, and the
         once-a-second checkpoint writes the batch in any case. Call state that owes
